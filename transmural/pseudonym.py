@@ -1,0 +1,36 @@
+"""The network pseudonym: what the registry knows a patient by.
+
+``HMAC-SHA256(network_key, "<system>|<value>")`` over the canonical
+identifier. Every node of a network holds the same key, so every node
+computes the same pseudonym for one patient; the registry, which never
+sees the key's input, cannot turn a pseudonym back into an identifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from transmural.errors import ConfigError
+from transmural.identifiers import Identifier
+
+PSEUDONYM_LENGTH = 32
+MIN_KEY_LENGTH = 32
+
+
+class Pseudonymiser:
+    """Computes pseudonyms under one network key."""
+
+    def __init__(self, network_key: bytes) -> None:
+        if len(network_key) < MIN_KEY_LENGTH:
+            raise ConfigError(f"the network key must be at least {MIN_KEY_LENGTH} bytes")
+        self._key = network_key
+
+    def pseudonym(self, identifier: Identifier) -> bytes:
+        """32-byte pseudonym of a canonical identifier."""
+        return hmac.new(self._key, identifier.token.encode("utf-8"), hashlib.sha256).digest()
+
+
+def is_pseudonym(value: bytes) -> bool:
+    """True when ``value`` has the shape of a pseudonym (32 bytes)."""
+    return len(value) == PSEUDONYM_LENGTH

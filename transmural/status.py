@@ -1,0 +1,63 @@
+"""The one boundary between domain errors and gRPC statuses.
+
+Every servicer method is wrapped in ``maps_errors``: a ``TransmuralError``
+becomes its gRPC status with its (patient-free) message; anything else is
+logged here and leaves as INTERNAL with no exception text, so no stack
+trace or patient data ever crosses the wire.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from transmural.errors import TransmuralError
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_code(error: TransmuralError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, TransmuralError):
+        await context.abort(grpc_code(exc), str(exc))
+    log.error("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def maps_errors(method: F) -> F:
+    """Wrap a unary or server-streaming servicer method (see module doc)."""
+    name = method.__qualname__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, name)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, name)
+
+    return unary  # type: ignore[return-value]
