@@ -69,7 +69,9 @@ def canonical_bsn(value: str) -> str:
     if len(digits) == 8:
         digits = "0" + digits
     if len(digits) != 9:
-        raise InvalidIdentifier(f"a BSN has 9 digits (8 with the leading zero left out), not {len(digits)}")
+        raise InvalidIdentifier(
+            f"a BSN has 9 digits (8 with the leading zero left out), not {len(digits)}"
+        )
     weights = (9, 8, 7, 6, 5, 4, 3, 2, -1)
     if sum(int(d) * w for d, w in zip(digits, weights, strict=True)) % 11 != 0:
         raise InvalidIdentifier(f"{digits} is not a valid BSN: it fails the 11-check")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+from pathlib import Path
 
 from transmural.errors import ConfigError
 from transmural.identifiers import Identifier
@@ -34,3 +36,32 @@ class Pseudonymiser:
 def is_pseudonym(value: bytes) -> bool:
     """True when ``value`` has the shape of a pseudonym (32 bytes)."""
     return len(value) == PSEUDONYM_LENGTH
+
+
+def new_network_key() -> bytes:
+    """A fresh random network key (32 bytes)."""
+    return os.urandom(MIN_KEY_LENGTH)
+
+
+def write_network_key(path: Path, key: bytes) -> None:
+    """Write the key as hex, readable by its owner only (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.hex() + "\n")
+    os.chmod(path, 0o600)
+
+
+def read_network_key(path: Path) -> bytes:
+    """Read a key written by ``write_network_key``; ConfigError if unusable."""
+    try:
+        text = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"cannot read the network key {path}: {error.strerror}") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"the network key {path} is not hex") from None
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(f"the network key {path} is shorter than {MIN_KEY_LENGTH} bytes")
+    return key

@@ -1,0 +1,71 @@
+"""The words of a search: who asks, which facility, what it answered.
+
+Plain data shared by the holder (answering side) and the gateway (asking
+side); the service layer converts these to and from protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from node.records import DocumentRecord
+
+
+class Status(StrEnum):
+    """A facility's answer to one search, as the clinician sees it."""
+
+    OK = "ok"
+    NO_RECORD = "no-record"
+    CONSENT_DENIED = "consent-denied"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """The clinician on whose behalf a node asks, and why."""
+
+    clinician_id: str
+    display_name: str
+    role: str
+    organisation_id: str
+    purpose_of_use: str
+
+
+@dataclass(frozen=True, slots=True)
+class Facility:
+    """A node as the registry's directory lists it."""
+
+    node_id: str
+    organisation_name: str
+    organisation_id: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class HolderAnswer:
+    """What the holder decided: OK with documents, or a status with none."""
+
+    status: Status
+    documents: list[DocumentRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityAnswer:
+    """One facility's result in a search, as streamed to the clinician."""
+
+    facility: Facility
+    status: Status
+    elapsed_ms: int
+    message: str = ""
+    documents: list[DocumentRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """The holders the registry listed; opens every search stream."""
+
+    holders: list[Facility]
+    correlation_id: str

@@ -1,0 +1,103 @@
+"""A node's configuration: one TOML file, paths relative to it.
+
+node_id = "node-1"
+organisation_name = "Holyoke Medical Center"
+organisation_id = "ura:12345678"
+listen = "127.0.0.1:0"
+registry = "127.0.0.1:7000"
+database = "node.db"
+network_key_file = "network.key"
+national_system = "http://fhir.nl/fhir/NamingSystem/bsn"
+peer_deadline_s = 3.0
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node import const
+from transmural.errors import ConfigError
+from transmural.identifiers import BSN_SYSTEM, canonical_system
+
+NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    organisation_name: str
+    registry: str
+    database: Path
+    network_key_file: Path
+    organisation_id: str = ""
+    listen: str = "127.0.0.1:0"
+    national_system: str = BSN_SYSTEM
+    peer_deadline_s: float = const.PEER_DEADLINE_S
+
+    def __post_init__(self) -> None:
+        if not NODE_ID.match(self.node_id):
+            raise ConfigError(
+                f"node_id {self.node_id!r}: use 1-64 lowercase letters, digits and dashes"
+            )
+        if not self.organisation_name.strip():
+            raise ConfigError("organisation_name is empty")
+        for name in ("listen", "registry"):
+            if not _is_address(getattr(self, name)):
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not host:port")
+        if not 0 < self.peer_deadline_s <= const.MAX_PEER_DEADLINE_S:
+            raise ConfigError(f"peer_deadline_s must be in (0, {const.MAX_PEER_DEADLINE_S}]")
+
+    @classmethod
+    def load(cls, path: Path) -> NodeConfig:
+        """Read and check a config file; ConfigError names what is wrong."""
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"cannot read node config {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"node config {path} is not valid TOML: {error}") from None
+        return cls.from_dict(raw, base=path.parent)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base: Path) -> NodeConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown node config keys: {', '.join(unknown)}")
+        missing = [k for k in ("node_id", "organisation_name", "registry") if k not in raw]
+        if missing:
+            raise ConfigError(f"node config lacks: {', '.join(missing)}")
+        values = dict(raw)
+        values["database"] = base / str(raw.get("database", "node.db"))
+        values["network_key_file"] = base / str(raw.get("network_key_file", "network.key"))
+        if "national_system" in raw:
+            values["national_system"] = canonical_system(str(raw["national_system"]))
+        return cls(**values)
+
+    def to_toml(self, base: Path) -> str:
+        """The config as TOML, paths relative to ``base`` where possible."""
+        lines = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                value = str(value.relative_to(base) if value.is_relative_to(base) else value)
+            lines.append(f"{name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, float | int):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _is_address(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) < 65536)

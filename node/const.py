@@ -1,0 +1,19 @@
+"""Every interval, deadline and limit of the node, in one place (tests shrink them)."""
+
+#: How long the gateway waits for one facility's answer, unless asked otherwise.
+PEER_DEADLINE_S = 3.0
+#: Longest per-facility deadline a clinician may ask for.
+MAX_PEER_DEADLINE_S = 30.0
+#: Deadline of a registry call (locate, publish, register).
+REGISTRY_DEADLINE_S = 3.0
+#: Deadline of a whole document fetch through the gateway.
+FETCH_DEADLINE_S = 120.0
+
+#: How often the publisher looks for new index changes when idle.
+PUBLISH_POLL_S = 0.5
+#: First and longest wait before retrying a registry that did not answer.
+PUBLISH_RETRY_MIN_S = 0.5
+PUBLISH_RETRY_MAX_S = 15.0
+
+#: Seconds a stopping server gives running calls to finish.
+STOP_GRACE_S = 2.0

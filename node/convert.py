@@ -1,0 +1,100 @@
+"""Protobuf <-> domain conversions for the node's service and client adapters.
+
+Only adapters import this module (and the generated stubs); domain code
+sees dataclasses from ``node.answers`` and ``node.records``.
+"""
+
+from __future__ import annotations
+
+from node.answers import Facility, Requester, Status
+from node.records import DocumentRecord
+from transmural.v1 import common_pb2
+
+_STATUS_TO_PROTO = {
+    Status.OK: common_pb2.FACILITY_STATUS_OK,
+    Status.NO_RECORD: common_pb2.FACILITY_STATUS_NO_RECORD,
+    Status.CONSENT_DENIED: common_pb2.FACILITY_STATUS_CONSENT_DENIED,
+    Status.TIMEOUT: common_pb2.FACILITY_STATUS_TIMEOUT,
+    Status.UNREACHABLE: common_pb2.FACILITY_STATUS_UNREACHABLE,
+    Status.ERROR: common_pb2.FACILITY_STATUS_ERROR,
+}
+_STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
+
+
+def status_to_proto(status: Status) -> int:
+    return _STATUS_TO_PROTO[status]
+
+
+def status_from_proto(value: int) -> Status | None:
+    """The domain status, or None for a value this version does not know."""
+    return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+
+
+def requester_to_proto(requester: Requester) -> common_pb2.Requester:
+    return common_pb2.Requester(
+        clinician_id=requester.clinician_id,
+        display_name=requester.display_name,
+        role=requester.role,
+        organisation_id=requester.organisation_id,
+        purpose_of_use=requester.purpose_of_use,
+    )
+
+
+def requester_from_proto(message: common_pb2.Requester) -> Requester:
+    return Requester(
+        clinician_id=message.clinician_id,
+        display_name=message.display_name,
+        role=message.role,
+        organisation_id=message.organisation_id,
+        purpose_of_use=message.purpose_of_use,
+    )
+
+
+def facility_to_proto(facility: Facility) -> common_pb2.NodeInfo:
+    return common_pb2.NodeInfo(
+        node_id=facility.node_id,
+        organisation_name=facility.organisation_name,
+        organisation_id=facility.organisation_id,
+        endpoint=facility.endpoint,
+    )
+
+
+def facility_from_proto(message: common_pb2.NodeInfo) -> Facility:
+    return Facility(
+        node_id=message.node_id,
+        organisation_name=message.organisation_name,
+        organisation_id=message.organisation_id,
+        endpoint=message.endpoint,
+    )
+
+
+def document_to_proto(document: DocumentRecord) -> common_pb2.DocumentMetadata:
+    return common_pb2.DocumentMetadata(
+        document_id=document.document_id,
+        title=document.title,
+        type_system=document.type_system,
+        type_code=document.type_code,
+        type_display=document.type_display,
+        content_type=document.content_type,
+        size=document.size,
+        sha256=document.sha256,
+        created=document.created,
+        author_organisation=document.author_organisation,
+    )
+
+
+def document_from_proto(message: common_pb2.DocumentMetadata) -> DocumentRecord:
+    """A peer's document metadata; patient_key 0 because it is not ours."""
+    return DocumentRecord(
+        document_id=message.document_id,
+        patient_key=0,
+        title=message.title,
+        type_system=message.type_system,
+        type_code=message.type_code,
+        type_display=message.type_display,
+        content_type=message.content_type,
+        size=message.size,
+        sha256=message.sha256,
+        created=message.created,
+        author_organisation=message.author_organisation,
+    )

@@ -1,0 +1,153 @@
+"""The asking side: a clinician's question fanned out over the network.
+
+Pseudonymise the identifier, ask the registry who holds it, then ask every
+holder at once, each under its own deadline, and hand each answer on the
+moment it arrives. A slow or dead peer never holds back the others: its
+own deadline turns it into ``timeout`` or ``unreachable``.
+
+The gateway talks to the registry and to peers through two small ports
+(``HolderIndex``, ``PeerLink``) so that it never touches gRPC itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from node import const
+from node.answers import Facility, FacilityAnswer, Located, Requester, Status
+from node.records import DocumentRecord
+from transmural.clock import Clock, SystemClock
+from transmural.errors import InvalidInput, NotFound
+from transmural.identifiers import Identifier
+from transmural.pseudonym import Pseudonymiser
+
+log = logging.getLogger(__name__)
+
+PURPOSES = ("treatment", "emergency")
+
+
+class HolderIndex(Protocol):
+    """Who holds data on a pseudonym (the registry, seen from a node)."""
+
+    async def locate(self, pseudonym: bytes) -> list[Facility]: ...
+
+
+class PeerLink(Protocol):
+    """Calls to other nodes. Transport failures come back as statuses."""
+
+    async def find_documents(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> tuple[Status, str, list[DocumentRecord]]: ...
+
+    def fetch_document(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        document_id: str,
+        requester: Requester,
+        correlation_id: str,
+    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]: ...
+
+
+class Gateway:
+    """Search and fetch across the network on a clinician's behalf."""
+
+    def __init__(
+        self,
+        pseudonymiser: Pseudonymiser,
+        index: HolderIndex,
+        peers: PeerLink,
+        clock: Clock | None = None,
+        default_deadline_s: float = const.PEER_DEADLINE_S,
+    ) -> None:
+        self._pseudonymiser = pseudonymiser
+        self._index = index
+        self._peers = peers
+        self._clock = clock or SystemClock()
+        self._default_deadline_s = default_deadline_s
+
+    async def search(
+        self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
+    ) -> AsyncIterator[Located | FacilityAnswer]:
+        """Yield the holders found, then each facility's answer as it arrives."""
+        check_requester(requester)
+        deadline = self._deadline(deadline_s)
+        pseudonym = self._pseudonymiser.pseudonym(identifier)
+        correlation_id = uuid.uuid4().hex
+        holders = await self._index.locate(pseudonym)
+        log.info("search %s: %d holders", correlation_id, len(holders))
+        yield Located(holders, correlation_id)
+        tasks = [
+            asyncio.create_task(self._ask(f, pseudonym, requester, correlation_id, deadline))
+            for f in holders
+        ]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def fetch(
+        self, identifier: Identifier, node_id: str, document_id: str, requester: Requester
+    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
+        """Stream one document from the facility ``node_id``."""
+        check_requester(requester)
+        pseudonym = self._pseudonymiser.pseudonym(identifier)
+        holders = await self._index.locate(pseudonym)
+        facility = next((f for f in holders if f.node_id == node_id), None)
+        if facility is None:
+            raise NotFound(f"facility {node_id!r} is not listed as holding this patient's data")
+        correlation_id = uuid.uuid4().hex
+        log.info("fetch %s: document %s from %s", correlation_id, document_id, node_id)
+        async for piece in self._peers.fetch_document(
+            facility, pseudonym, document_id, requester, correlation_id
+        ):
+            yield piece
+
+    def _deadline(self, deadline_s: float | None) -> float:
+        if deadline_s is None or deadline_s <= 0:
+            return self._default_deadline_s
+        return min(deadline_s, const.MAX_PEER_DEADLINE_S)
+
+    async def _ask(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> FacilityAnswer:
+        started = self._clock.monotonic()
+        try:
+            # The peer link enforces the deadline on the wire; this is the
+            # belt to its braces, so one peer can never stall the search.
+            async with asyncio.timeout(deadline_s + 0.5):
+                status, message, documents = await self._peers.find_documents(
+                    facility, pseudonym, requester, correlation_id, deadline_s
+                )
+        except TimeoutError:
+            status, message, documents = Status.TIMEOUT, "no answer before the deadline", []
+        elapsed_ms = int((self._clock.monotonic() - started) * 1000)
+        if status is not Status.OK:
+            log.info("search %s: %s answered %s", correlation_id, facility.node_id, status)
+        return FacilityAnswer(facility, status, elapsed_ms, message, documents)
+
+
+def check_requester(requester: Requester) -> None:
+    """Refuse a request that does not say who asks and why."""
+    if not requester.clinician_id:
+        raise InvalidInput("requester has no clinician id")
+    if requester.purpose_of_use not in PURPOSES:
+        raise InvalidInput(
+            f"purpose of use must be one of {', '.join(PURPOSES)}, not {requester.purpose_of_use!r}"
+        )

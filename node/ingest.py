@@ -1,0 +1,445 @@
+"""Ingest of FHIR R4 bundle files into the node store.
+
+A file goes through two steps:
+
+1. ``prepare_bundle`` (in a worker thread: parsing 4 MB of JSON must not
+   stall the event loop) reads and validates the *whole* bundle, rewrites
+   ``urn:uuid:`` references to ``Type/id`` as a FHIR server would, finds
+   each patient's national identifier and pseudonym, and builds the
+   documents. Any problem raises ``InvalidBundle`` naming the file and the
+   entry; nothing has been written yet.
+2. ``NodeStore.write_bundle`` writes it in one transaction: the bundle is
+   in completely or not at all, and re-ingest upserts (type + id), so a
+   file loaded twice adds nothing.
+
+What is *not* an error: references to resources that are not there
+(a facility holds only part of a patient's record), conditional references
+(``Organization?identifier=...``, resolved when read, so bundle order does
+not matter) and contained references (``#referral``).
+
+Patient names and identifiers are never logged above DEBUG. Synthea names
+files after the patient, so file names are logged at DEBUG too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.documents import Source, build_documents
+from node.fhir import (
+    JSONObject,
+    conditional_identifier,
+    human_name,
+    is_date,
+    is_fhir_id,
+    is_resource_type,
+    label_of,
+    parse_reference,
+    reference_of,
+    rewrite_references,
+)
+from node.records import BundleDraft, IngestReport, PatientDraft, ResourceDraft
+from node.store import NodeStore
+from transmural.errors import InvalidBundle, InvalidIdentifier, InvalidInput
+from transmural.identifiers import Identifier, canonical, canonical_system
+from transmural.pseudonym import Pseudonymiser
+
+log = logging.getLogger(__name__)
+
+INGESTED_TYPES = frozenset({"transaction", "batch", "collection", "document"})
+#: Resources no one patient owns: stored once, shared by every record.
+SHARED_TYPES = frozenset(
+    {
+        "Organization",
+        "Practitioner",
+        "PractitionerRole",
+        "Location",
+        "HealthcareService",
+        "Endpoint",
+        "Medication",
+        "Substance",
+    }
+)
+#: Larger files are refused before they are parsed (Synthea's largest is 4 MB).
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+#: How far into a file ``ingest_folder`` looks for the bundle type.
+_SNIFF_BYTES = 16 * 1024
+_SNIFF_TYPE = re.compile(r'"type"\s*:\s*"([a-z-]+)"')
+_LONG_NUMBER = re.compile(r"\d{5,}")
+
+
+async def ingest_file(
+    store: NodeStore,
+    path: Path | str,
+    pseudonymiser: Pseudonymiser | None,
+    national_system: str,
+) -> IngestReport:
+    """Ingest one bundle file; raises ``InvalidBundle`` and leaves the store unchanged."""
+    path = Path(path)
+    system = _national(national_system)
+    started = time.perf_counter()
+    draft = await asyncio.to_thread(prepare_bundle, path, system, pseudonymiser)
+    return await _write(store, draft, started)
+
+
+async def ingest_folder(
+    store: NodeStore,
+    folder: Path | str,
+    pseudonymiser: Pseudonymiser | None,
+    national_system: str,
+) -> tuple[list[IngestReport], list[InvalidBundle]]:
+    """Ingest every ``*.json`` bundle of ``folder``: batch (provider) bundles first.
+
+    Returns the reports of the files ingested and the errors of those
+    refused, each in load order: a refused file does not stop the others,
+    and a CLI prints each error (it names the file) and exits non-zero.
+    The next file is parsed while the current one is written.
+    """
+    system = _national(national_system)
+    files = bundle_files(Path(folder))
+    reports: list[IngestReport] = []
+    errors: list[InvalidBundle] = []
+    started = time.perf_counter()
+    pending = _prepare_soon(files[0], system, pseudonymiser) if files else None
+    try:
+        for index in range(len(files)):
+            assert pending is not None
+            current = pending
+            pending = (
+                _prepare_soon(files[index + 1], system, pseudonymiser)
+                if index + 1 < len(files)
+                else None
+            )
+            file_started = time.perf_counter()
+            try:
+                draft = await current
+                reports.append(await _write(store, draft, file_started))
+            except InvalidBundle as error:
+                log.debug("refused %s", error)
+                errors.append(error)
+    finally:
+        if pending is not None:
+            pending.cancel()
+    log.info(
+        "ingested %d of %d bundles in %.1f s: %d patients, %d resources, %d documents",
+        len(reports),
+        len(files),
+        time.perf_counter() - started,
+        sum(r.patients for r in reports),
+        sum(r.resources for r in reports),
+        sum(r.documents for r in reports),
+    )
+    return reports, errors
+
+
+def bundle_files(folder: Path) -> list[Path]:
+    """The folder's bundles in load order: ``batch`` bundles, then the rest, by name.
+
+    Provider bundles (Synthea's ``hospitalInformation*``) are ``batch``
+    bundles of conditional creates; loading them first is what a FHIR server
+    needs. This store resolves conditional references when read, so order
+    only matters for ``ifNoneExist``; the type is sniffed from the start of
+    the file, and a file whose type comes after its entries sorts with the rest.
+    """
+    if not folder.is_dir():
+        raise InvalidInput(f"{folder} is not a folder")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() == ".json" and not p.name.startswith(".")
+    )
+    if not files:
+        raise InvalidInput(f"{folder} holds no *.json bundles")
+    batch = {p for p in files if _sniff_type(p) == "batch"}
+    return [p for p in files if p in batch] + [p for p in files if p not in batch]
+
+
+def prepare_bundle(
+    path: Path, national_system: str, pseudonymiser: Pseudonymiser | None
+) -> BundleDraft:
+    """Read, validate and convert one bundle file (blocking: run it in a thread)."""
+    name = path.name
+    bundle = _load(path)
+    kind = bundle.get("resourceType")
+    if kind != "Bundle":
+        raise InvalidBundle(f'{name}: resourceType is {_shown(kind)}, not "Bundle"')
+    bundle_type = bundle.get("type")
+    if bundle_type not in INGESTED_TYPES:
+        raise InvalidBundle(
+            f"{name}: Bundle type {_shown(bundle_type)} is not one we ingest "
+            f"({', '.join(sorted(INGESTED_TYPES))})"
+        )
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        raise InvalidBundle(f'{name}: the Bundle has no "entry" list')
+    sources, conditions = _entries(name, entries)
+    mapping = {s.full_url: s.key for s in sources if s.full_url}
+    if mapping:
+        for source in sources:
+            rewrite_references(source.resource, mapping)
+    patients = [
+        _patient(name, source, national_system, pseudonymiser)
+        for source in sources
+        if source.resource["resourceType"] == "Patient"
+    ]
+    patient_ids = [p.fhir_id for p in patients]
+    sources = [
+        Source(s.label, s.full_url, s.resource, _owner(s.resource, patient_ids)) for s in sources
+    ]
+    try:
+        found = build_documents(sources)
+    except ValueError as error:
+        raise InvalidBundle(f"{name}: {error}") from None
+    resources = [
+        ResourceDraft(
+            resource_type=s.resource["resourceType"],
+            fhir_id=s.resource["id"],
+            patient_fhir_id=s.patient_fhir_id,
+            json=json.dumps(s.resource, ensure_ascii=False, separators=(",", ":")),
+            label=label_of(s.resource) if s.resource["resourceType"] in SHARED_TYPES else None,
+            identifiers=_identifier_pairs(s.resource),
+            if_none_exist=condition,
+        )
+        for s, condition in zip(sources, conditions, strict=True)
+    ]
+    return BundleDraft(
+        file=name,
+        patients=patients,
+        resources=resources,
+        documents=found.documents,
+        skipped=found.skipped,
+        pseudonymised=pseudonymiser is not None,
+    )
+
+
+def _load(path: Path) -> JSONObject:
+    name = path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_BUNDLE_BYTES:
+            raise InvalidBundle(f"{name}: {size} bytes is more than {MAX_BUNDLE_BYTES}")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InvalidBundle(f"{name}: cannot be read: {error.strerror}") from None
+    try:
+        bundle = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidBundle(f"{name}: not JSON: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise InvalidBundle(
+            f"{name}: not JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    except RecursionError:
+        raise InvalidBundle(f"{name}: not JSON we accept: nested too deep") from None
+    if not isinstance(bundle, dict):
+        raise InvalidBundle(f"{name}: not a JSON object (a FHIR Bundle is one)")
+    return bundle
+
+
+def _entries(name: str, entries: list[Any]) -> tuple[list[Source], list[tuple[str, str] | None]]:
+    """Check every entry; the resources with labels and their ifNoneExist conditions."""
+    sources: list[Source] = []
+    conditions: list[tuple[str, str] | None] = []
+    seen: dict[str, int] = {}
+    full_urls: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        where = f"{name}: entry {index}"
+        if not isinstance(entry, dict):
+            raise InvalidBundle(f"{where}: not an object")
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            raise InvalidBundle(f'{where}: no "resource"')
+        kind = resource.get("resourceType")
+        if not is_resource_type(kind):
+            raise InvalidBundle(f'{where}: no "resourceType"')
+        where = f"{where} ({kind})"
+        fhir_id = resource.get("id")
+        if fhir_id is None:
+            raise InvalidBundle(f'{where}: no "id"')
+        if not is_fhir_id(fhir_id):
+            raise InvalidBundle(f'{where}: "id" is not a FHIR id (1-64 of A-Z a-z 0-9 - .)')
+        key = f"{kind}/{fhir_id}"
+        if key in seen:
+            raise InvalidBundle(f"{where}: {key} is also entry {seen[key]}")
+        seen[key] = index
+        full_url = entry.get("fullUrl", "")
+        if not isinstance(full_url, str):
+            raise InvalidBundle(f'{where}: "fullUrl" is not a string')
+        if full_url in full_urls:
+            raise InvalidBundle(f"{where}: its fullUrl is also that of entry {full_urls[full_url]}")
+        if full_url:
+            full_urls[full_url] = index
+        conditions.append(_request(where, entry.get("request")))
+        sources.append(Source(f"entry {index} ({kind})", full_url, resource, None))
+    return sources, conditions
+
+
+def _request(where: str, request: Any) -> tuple[str, str] | None:
+    """The ``ifNoneExist`` identifier of an entry's request, after checking the method."""
+    if request is None:
+        return None
+    if not isinstance(request, dict):
+        raise InvalidBundle(f'{where}: "request" is not an object')
+    method = request.get("method")
+    if method not in (None, "POST", "PUT"):
+        raise InvalidBundle(
+            f"{where}: request method {_shown(method)} is not supported (only POST and PUT)"
+        )
+    condition = request.get("ifNoneExist")
+    if isinstance(condition, str):
+        return conditional_identifier(condition.lstrip("?"))
+    return None
+
+
+def _patient(
+    name: str, source: Source, national_system: str, pseudonymiser: Pseudonymiser | None
+) -> PatientDraft:
+    resource = source.resource
+    where = f"{name}: {source.label}"
+    national: Identifier | None = None
+    identifiers: list[tuple[str, str]] = []
+    items = resource.get("identifier")
+    for item in items if isinstance(items, list) else []:
+        pair = _pair(item)
+        if pair is None:
+            continue
+        try:
+            system = canonical_system(pair[0])
+        except InvalidIdentifier:
+            continue
+        if system != national_system:
+            try:
+                identifiers.append(_token(canonical(*pair)))
+            except InvalidIdentifier:
+                identifiers.append(pair)
+            continue
+        try:
+            identifier = canonical(*pair)
+        except InvalidIdentifier as error:
+            raise InvalidBundle(
+                f"{where}: invalid {national_system} identifier: {_redacted(error)}"
+            ) from None
+        identifiers.append(_token(identifier))
+        if national is None and item.get("use") != "old":
+            national = identifier
+    birth_date = resource.get("birthDate", "")
+    if not is_date(birth_date) and birth_date != "":
+        raise InvalidBundle(f'{where}: "birthDate" is not a FHIR date')
+    gender = resource.get("gender", "")
+    family, given = human_name(resource.get("name"))
+    return PatientDraft(
+        fhir_id=resource["id"],
+        identifier=national,
+        pseudonym=pseudonymiser.pseudonym(national) if pseudonymiser and national else None,
+        family=family,
+        given=given,
+        birth_date=birth_date,
+        gender=gender if isinstance(gender, str) else "",
+        identifiers=tuple(dict.fromkeys(identifiers)),
+    )
+
+
+def _owner(resource: JSONObject, patients: Sequence[str]) -> str | None:
+    """FHIR id of the patient whose record ``resource`` is part of, None if shared."""
+    kind = resource["resourceType"]
+    if kind == "Patient":
+        return str(resource["id"])
+    if kind in SHARED_TYPES:
+        return None
+    for field in ("subject", "patient", "beneficiary"):
+        ref = reference_of(resource.get(field))
+        if not ref:
+            continue
+        target = parse_reference(ref, "Patient")
+        if target is not None and target.resource_type != "Patient":
+            return None  # about a group, a location, a device: no one patient's
+        if target is not None and not target.conditional:
+            return target.fhir_id
+        break
+    return patients[0] if len(patients) == 1 else None
+
+
+def _identifier_pairs(resource: JSONObject) -> tuple[tuple[str, str], ...]:
+    """Identifiers as stored for conditional-reference lookups, trimmed and de-duplicated."""
+    items = resource.get("identifier")
+    if isinstance(items, dict):  # a few resources have one identifier, not a list
+        items = [items]
+    if not isinstance(items, list):
+        return ()
+    pairs = []
+    for item in items:
+        pair = _pair(item)
+        if pair is not None:
+            pairs.append(pair)
+    return tuple(dict.fromkeys(pairs))
+
+
+def _pair(item: Any) -> tuple[str, str] | None:
+    if not isinstance(item, dict):
+        return None
+    system, value = item.get("system"), item.get("value")
+    if isinstance(system, str) and isinstance(value, str) and system.strip() and value.strip():
+        return system.strip(), value.strip()
+    return None
+
+
+def _token(identifier: Identifier) -> tuple[str, str]:
+    return identifier.system, identifier.value
+
+
+def _national(system: str) -> str:
+    try:
+        return canonical_system(system)
+    except InvalidIdentifier as error:
+        raise InvalidInput(f"national identifier system: {error}") from None
+
+
+def _redacted(error: Exception) -> str:
+    """The error without the identifier value in it (messages may reach logs)."""
+    return _LONG_NUMBER.sub("<value>", str(error))
+
+
+def _shown(value: object) -> str:
+    text = (
+        json.dumps(value)
+        if isinstance(value, str | int | float | bool) or value is None
+        else (type(value).__name__)
+    )
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _sniff_type(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    match = _SNIFF_TYPE.search(head.split('"entry"', 1)[0])
+    return match.group(1) if match else ""
+
+
+def _prepare_soon(
+    path: Path, system: str, pseudonymiser: Pseudonymiser | None
+) -> asyncio.Task[BundleDraft]:
+    return asyncio.ensure_future(asyncio.to_thread(prepare_bundle, path, system, pseudonymiser))
+
+
+async def _write(store: NodeStore, draft: BundleDraft, started: float) -> IngestReport:
+    written = await store.write_bundle(draft)
+    report = IngestReport(
+        file=draft.file,
+        patients=written.patients,
+        resources=written.resources,
+        documents=written.documents,
+        published=written.published,
+        unpublished=written.unpublished,
+        skipped=written.skipped,
+        seconds=time.perf_counter() - started,
+    )
+    log.debug("ingested %s", report.summary())
+    return report

@@ -1,0 +1,130 @@
+"""The gRPC side of asking other nodes: one long-lived channel per peer.
+
+A new connection costs several times a call on an open channel, so
+channels are kept and reused. Transport failures are turned into the
+facility statuses the clinician sees: a deadline becomes ``timeout``, a
+refused or dead connection ``unreachable``, anything else ``error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from node import const
+from node.answers import Facility, Requester, Status
+from node.convert import document_from_proto, requester_to_proto, status_from_proto
+from node.records import DocumentRecord
+from transmural import transport
+from transmural.errors import InvalidInput, NotFound, PermissionDenied, TransmuralError, Unavailable
+from transmural.v1 import peer_pb2, peer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_PEER_STATUS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: Status.TIMEOUT,
+    grpc.StatusCode.UNAVAILABLE: Status.UNREACHABLE,
+}
+
+
+class PeerChannels:
+    """Channels to peers by endpoint, opened on first use and kept."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._warned: set[str] = set()
+
+    def stub(self, endpoint: str) -> peer_pb2_grpc.PeerStub:
+        stub = self._stubs.get(endpoint)
+        if stub is None:
+            channel = transport.open_channel(endpoint)
+            self._channels[endpoint] = channel
+            stub = self._stubs[endpoint] = peer_pb2_grpc.PeerStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+    async def find_documents(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> tuple[Status, str, list[DocumentRecord]]:
+        request = peer_pb2.FindDocumentsRequest(
+            pseudonym=pseudonym,
+            requester=requester_to_proto(requester),
+            correlation_id=correlation_id,
+        )
+        try:
+            response = await self.stub(facility.endpoint).FindDocuments(request, timeout=deadline_s)
+        except grpc.aio.AioRpcError as error:
+            self._note_failure(facility, error)
+            status = _PEER_STATUS.get(error.code(), Status.ERROR)
+            return status, _describe(error), []
+        self._warned.discard(facility.node_id)
+        status = status_from_proto(response.status)
+        if status not in (Status.OK, Status.NO_RECORD, Status.CONSENT_DENIED):
+            return Status.ERROR, "the facility sent an answer this node does not understand", []
+        documents = [document_from_proto(d) for d in response.documents]
+        return status, "", documents if status is Status.OK else []
+
+    async def fetch_document(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        document_id: str,
+        requester: Requester,
+        correlation_id: str,
+    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
+        request = peer_pb2.FetchDocumentRequest(
+            pseudonym=pseudonym,
+            document_id=document_id,
+            requester=requester_to_proto(requester),
+            correlation_id=correlation_id,
+        )
+        call = self.stub(facility.endpoint).FetchDocument(request, timeout=const.FETCH_DEADLINE_S)
+        try:
+            async for chunk in call:
+                metadata = (
+                    document_from_proto(chunk.metadata) if chunk.HasField("metadata") else None
+                )
+                yield metadata, chunk.data
+        except grpc.aio.AioRpcError as error:
+            raise _domain_error(facility, error) from None
+
+    def _note_failure(self, facility: Facility, error: grpc.aio.AioRpcError) -> None:
+        """Log a failing peer once at WARNING, then at DEBUG until it recovers."""
+        level = logging.DEBUG if facility.node_id in self._warned else logging.WARNING
+        self._warned.add(facility.node_id)
+        log.log(level, "peer %s (%s): %s", facility.node_id, facility.endpoint, error.code().name)
+
+
+def _describe(error: grpc.aio.AioRpcError) -> str:
+    code = error.code()
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer before the deadline"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return "could not connect to the facility"
+    return f"{code.name}: {error.details() or 'no detail'}"
+
+
+def _domain_error(facility: Facility, error: grpc.aio.AioRpcError) -> TransmuralError:
+    """A peer's fetch failure as the error the gateway hands to its client."""
+    code, detail = error.code(), error.details() or ""
+    where = f"facility {facility.node_id}"
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{where}: {detail}")
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"{where}: {detail}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(f"{where}: {detail}")
+    return Unavailable(f"{where}: {_describe(error)}")

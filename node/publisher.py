@@ -1,0 +1,82 @@
+"""Keeps the registry's index in step with this node's store.
+
+Ingest (in this process or in the admin CLI, on the same database file)
+appends index changes to a durable outbox. The publisher registers the
+node, then drains the outbox in batches, oldest first, and marks a batch
+sent only after the registry accepted it: a registry that is down delays
+publishing, it never loses an entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from node import const
+from node.answers import Facility
+from node.registry_link import RegistryLink
+from node.store import NodeStore
+from transmural.const import MAX_PUBLISH_BATCH
+from transmural.errors import NotFound, TransmuralError
+
+log = logging.getLogger(__name__)
+
+
+class IndexPublisher:
+    """Registers this node and sends its index changes to the registry."""
+
+    def __init__(self, store: NodeStore, registry: RegistryLink, facility: Facility) -> None:
+        self._store = store
+        self._registry = registry
+        self._facility = facility
+        self._registered = False
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Publish now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish until cancelled, backing off while the registry fails."""
+        retry_s = const.PUBLISH_RETRY_MIN_S
+        failing = False
+        while True:
+            try:
+                sent = await self.publish_pending()
+            except TransmuralError as error:
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "publishing to the registry failed: %s", error)
+                failing = True
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, const.PUBLISH_RETRY_MAX_S)
+                continue
+            if failing:
+                log.warning("the registry answers again; publishing resumed")
+            failing, retry_s = False, const.PUBLISH_RETRY_MIN_S
+            if sent == 0:
+                await self._idle()
+
+    async def publish_pending(self) -> int:
+        """Send every pending change; returns how many were sent."""
+        if not self._registered:
+            await self._registry.register(self._facility)
+            self._registered = True
+            log.info("registered as %s at %s", self._facility.node_id, self._registry.address)
+        total = 0
+        while changes := await self._store.pending_index_changes(MAX_PUBLISH_BATCH):
+            try:
+                await self._registry.publish(self._facility.node_id, changes)
+            except NotFound:
+                self._registered = False  # the registry forgot us: register again
+                raise
+            await self._store.mark_index_changes_sent(changes[-1].seq)
+            total += len(changes)
+        if total:
+            log.info("published %d index changes", total)
+        return total
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), const.PUBLISH_POLL_S)
+        self._wake.clear()

@@ -1,0 +1,73 @@
+"""The gRPC side of a node's calls to the registry.
+
+One long-lived channel. Registry failures become ``Unavailable`` (the
+gateway cannot say "no records" when it could not ask) or ``NotFound``
+(the registry does not know this node yet).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from node import const
+from node.answers import Facility
+from node.convert import facility_from_proto, facility_to_proto
+from node.records import IndexChange
+from transmural import transport
+from transmural.errors import InvalidInput, NotFound, TransmuralError, Unavailable
+from transmural.v1 import registry_pb2, registry_pb2_grpc
+
+
+class RegistryLink:
+    """Register, publish and locate, against one registry."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = transport.open_channel(address)
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def register(self, facility: Facility) -> None:
+        request = registry_pb2.RegisterNodeRequest(node=facility_to_proto(facility))
+        await self._call(self._stub.RegisterNode, request)
+
+    async def publish(self, node_id: str, changes: list[IndexChange]) -> None:
+        request = registry_pb2.PublishRequest(
+            node_id=node_id,
+            entries=[
+                registry_pb2.IndexEntry(pseudonym=c.pseudonym, withdrawn=c.withdrawn)
+                for c in changes
+            ],
+        )
+        await self._call(self._stub.Publish, request)
+
+    async def locate(self, pseudonym: bytes) -> list[Facility]:
+        request = registry_pb2.LocateRequest(pseudonyms=[pseudonym])
+        response = await self._call(self._stub.Locate, request)
+        if len(response.locations) != 1:
+            raise Unavailable("the registry gave a malformed answer to locate")
+        return [facility_from_proto(h) for h in response.locations[0].holders]
+
+    async def list_nodes(self) -> list[Facility]:
+        response = await self._call(self._stub.ListNodes, registry_pb2.ListNodesRequest())
+        return [facility_from_proto(n) for n in response.nodes]
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=const.REGISTRY_DEADLINE_S)
+        except grpc.aio.AioRpcError as error:
+            raise self._domain_error(error) from None
+
+    def _domain_error(self, error: grpc.aio.AioRpcError) -> TransmuralError:
+        code, detail = error.code(), error.details() or ""
+        if code is grpc.StatusCode.NOT_FOUND:
+            return NotFound(f"registry: {detail}")
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInput(f"registry: {detail}")
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unavailable(f"the registry at {self.address} did not answer in time")
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"the registry at {self.address} is not reachable")
+        return Unavailable(f"registry: {code.name}: {detail}")

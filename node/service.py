@@ -1,0 +1,120 @@
+"""The node's gRPC servicers: thin, validate and convert, then delegate.
+
+``PeerServicer`` answers other nodes through the ``RecordHolder``;
+``GatewayServicer`` serves the clinician's client through the ``Gateway``.
+Every method goes through ``maps_errors``, the one error boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from node.answers import FacilityAnswer, Located
+from node.convert import (
+    document_to_proto,
+    facility_to_proto,
+    requester_from_proto,
+    status_to_proto,
+)
+from node.gateway import Gateway
+from node.holder import RecordHolder
+from transmural.const import DOCUMENT_CHUNK_BYTES
+from transmural.errors import InvalidInput
+from transmural.identifiers import Identifier, canonical
+from transmural.status import maps_errors
+from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, peer_pb2, peer_pb2_grpc
+
+PEER_SERVICE = "transmural.v1.Peer"
+GATEWAY_SERVICE = "transmural.v1.Gateway"
+
+
+class PeerServicer(peer_pb2_grpc.PeerServicer):
+    def __init__(self, holder: RecordHolder) -> None:
+        self._holder = holder
+
+    @maps_errors
+    async def FindDocuments(
+        self, request: peer_pb2.FindDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.FindDocumentsResponse:
+        answer = await self._holder.find_documents(
+            request.pseudonym, requester_from_proto(request.requester), request.correlation_id
+        )
+        return peer_pb2.FindDocumentsResponse(
+            status=status_to_proto(answer.status),
+            documents=[document_to_proto(d) for d in answer.documents],
+        )
+
+    @maps_errors
+    async def FetchDocument(
+        self, request: peer_pb2.FetchDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.DocumentChunk]:
+        document, chunks = await self._holder.open_document(
+            request.pseudonym,
+            request.document_id,
+            requester_from_proto(request.requester),
+            request.correlation_id,
+        )
+        metadata: common_pb2.DocumentMetadata | None = document_to_proto(document)
+        async for data in chunks:
+            yield common_pb2.DocumentChunk(metadata=metadata, data=data)
+            metadata = None
+        if metadata is not None:  # an empty document still says what it is
+            yield common_pb2.DocumentChunk(metadata=metadata)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, gateway: Gateway, national_system: str) -> None:
+        self._gateway = gateway
+        self._national_system = national_system
+
+    @maps_errors
+    async def Search(
+        self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.SearchEvent]:
+        identifier = self._identifier(request.patient)
+        requester = requester_from_proto(request.requester)
+        deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
+        async for event in self._gateway.search(identifier, requester, deadline_s):
+            yield _search_event(event)
+
+    @maps_errors
+    async def FetchDocument(
+        self, request: gateway_pb2.GatewayFetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.DocumentChunk]:
+        if not request.node_id or not request.document_id:
+            raise InvalidInput("a fetch names both the facility (node id) and the document id")
+        identifier = self._identifier(request.patient)
+        requester = requester_from_proto(request.requester)
+        async for metadata, data in self._gateway.fetch(
+            identifier, request.node_id, request.document_id, requester
+        ):
+            if len(data) > DOCUMENT_CHUNK_BYTES * 4:
+                raise InvalidInput("the facility sent an oversized chunk")
+            chunk = common_pb2.DocumentChunk(data=data)
+            if metadata is not None:
+                chunk.metadata.CopyFrom(document_to_proto(metadata))
+            yield chunk
+
+    def _identifier(self, patient: common_pb2.PatientIdentifier) -> Identifier:
+        return canonical(patient.system or self._national_system, patient.value)
+
+
+def _search_event(event: Located | FacilityAnswer) -> gateway_pb2.SearchEvent:
+    if isinstance(event, Located):
+        return gateway_pb2.SearchEvent(
+            located=gateway_pb2.Located(
+                holders=[facility_to_proto(f) for f in event.holders],
+                correlation_id=event.correlation_id,
+            )
+        )
+    return gateway_pb2.SearchEvent(
+        result=gateway_pb2.FacilityResult(
+            facility=facility_to_proto(event.facility),
+            status=status_to_proto(event.status),
+            message=event.message,
+            elapsed_ms=event.elapsed_ms,
+            documents=[document_to_proto(d) for d in event.documents],
+        )
+    )

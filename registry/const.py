@@ -1,0 +1,31 @@
+"""Every interval and limit the registry uses, in one place so tests can shrink them.
+
+The wire limits shared with nodes (batch sizes, message size) live in
+``transmural.const``; what is here is the registry's own.
+"""
+
+#: Where the server listens unless told otherwise (port 0 picks a free port).
+DEFAULT_LISTEN = "127.0.0.1:0"
+
+#: Seconds in-flight calls get to finish when the server stops.
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+#: Node ids are short, lowercase and safe in logs, paths and DNS labels.
+NODE_ID_PATTERN = r"[a-z0-9-]{1,64}"
+
+#: Longest organisation name (characters) in the node directory.
+MAX_ORGANISATION_NAME_LENGTH = 200
+
+#: Longest organisation id (URA/AGB number and the like).
+MAX_ORGANISATION_ID_LENGTH = 64
+
+#: Longest host name in an endpoint (the DNS limit).
+MAX_ENDPOINT_HOST_LENGTH = 253
+
+#: Most pseudonyms bound into one ``IN (...)`` locate query. SQLite 3.32+
+#: accepts 32,766 variables, so one Locate batch is one round trip.
+LOCATE_QUERY_CHUNK = 1_000
+
+#: Milliseconds SQLite waits for a lock held by another process before
+#: giving up (only an operator's sqlite3 shell should ever hold one).
+SQLITE_BUSY_TIMEOUT_MS = 5_000

@@ -1,0 +1,189 @@
+"""Fixtures that start real networks: a registry and N nodes on loopback.
+
+    async def test_something(network):
+        net = await network(n=3)
+        await net.load(synthetic_bundles)      # spread over the nodes by provider
+        async for event in net.client(0).search("...")
+
+Servers run in this process on ephemeral ports and talk real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from node.config import NodeConfig
+from node.ingest import ingest_folder
+from node.server import NodeServer
+from registry.server import RegistryServer
+from tools.gateway_client import Clinician, FacilityResult, GatewayClient, Holders
+from tools.spread import SpreadPlan, spread
+from tools.synthetic import generate
+from transmural.identifiers import BSN_SYSTEM
+from transmural.pseudonym import Pseudonymiser, new_network_key, write_network_key
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CLINICIAN = Clinician("test-physician", "Dr. Test", "physician")
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data; fails (never skips) when it is missing."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.fail(f"test data {path} is missing: the project expects ../shared/data")
+    return path
+
+
+@dataclass
+class RunningNetwork:
+    root: Path
+    registry: RegistryServer
+    nodes: list[NodeServer]
+    key: bytes
+    clients: list[GatewayClient] = field(default_factory=list)
+    plan: SpreadPlan | None = None
+
+    @property
+    def pseudonymiser(self) -> Pseudonymiser:
+        return Pseudonymiser(self.key)
+
+    def client(self, index: int = 0) -> GatewayClient:
+        client = GatewayClient(self.nodes[index].address, CLINICIAN)
+        self.clients.append(client)
+        return client
+
+    async def load(self, source: Path) -> SpreadPlan:
+        """Spread ``source`` bundles over the nodes, ingest, publish."""
+        targets = [self.root / n.config.node_id / "bundles" for n in self.nodes]
+        self.plan = await asyncio.to_thread(spread, source, targets)
+        for node, target in zip(self.nodes, targets, strict=True):
+            _, errors = await ingest_folder(
+                node.store, target, self.pseudonymiser, node.config.national_system
+            )
+            assert not errors, errors
+        await self.published()
+        return self.plan
+
+    async def published(self) -> None:
+        """Push every node's pending index changes to the registry now."""
+        for node in self.nodes:
+            await node.publisher.publish_pending()
+
+    async def consent_all(self, allowed: bool = True) -> None:
+        for node in self.nodes:
+            for patient in await node.store.patients():
+                await node.store.set_exchange_consent(patient.patient_key, allowed)
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for node in self.nodes:
+            await node.stop(0)
+        await self.registry.stop(0)
+
+
+NetworkFactory = Callable[..., Awaitable[RunningNetwork]]
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[NetworkFactory]:
+    started: list[RunningNetwork] = []
+
+    async def start(
+        n: int = 3, national_system: str = BSN_SYSTEM, **node_settings: object
+    ) -> RunningNetwork:
+        root = tmp_path / f"net-{len(started)}"
+        key = new_network_key()
+        write_network_key(root / "network.key", key)
+        registry = RegistryServer(root / "registry.db", "127.0.0.1:0")
+        await registry.start()
+        nodes = []
+        for i in range(n):
+            config = NodeConfig(
+                node_id=f"node-{i + 1}",
+                organisation_name=f"Facility {i + 1}",
+                registry=registry.address,
+                database=root / f"node-{i + 1}" / "node.db",
+                network_key_file=root / "network.key",
+                national_system=national_system,
+                **node_settings,  # type: ignore[arg-type]
+            )
+            config.database.parent.mkdir(parents=True, exist_ok=True)
+            node = NodeServer(config)
+            await node.start()
+            nodes.append(node)
+        net = RunningNetwork(root, registry, nodes, key)
+        started.append(net)
+        return net
+
+    yield start
+    for net in started:
+        await net.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("synthetic")
+    generate(folder)
+    return folder
+
+
+async def collect(
+    client: GatewayClient, identifier: str, purpose: str = "treatment", deadline_ms: int = 0
+) -> tuple[Holders, dict[str, FacilityResult]]:
+    """Run a search; the holders event and each facility's result by node id."""
+    holders: Holders | None = None
+    results: dict[str, FacilityResult] = {}
+    async for event in client.search(identifier, purpose, deadline_ms):
+        if isinstance(event, Holders):
+            assert holders is None, "holders event came twice"
+            holders = event
+        else:
+            assert event.node_id not in results, f"{event.node_id} answered twice"
+            results[event.node_id] = event
+    assert holders is not None, "search stream did not open with the holders"
+    return holders, results
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
+    """Poll ``predicate`` until true instead of sleeping a fixed time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def assert_registry_holds_no_identity(database: Path, bundles: list[Path]) -> None:
+    """No identifier value, name or birth date of an input Patient is in the registry."""
+    raw = database.read_bytes()
+    wal = database.with_name(database.name + "-wal")
+    if wal.exists():
+        raw += wal.read_bytes()
+    secrets: set[str] = set()
+    for path in bundles:
+        for entry in json.loads(path.read_bytes()).get("entry", []):
+            resource = entry.get("resource", {})
+            if resource.get("resourceType") != "Patient":
+                continue
+            secrets.update(i["value"] for i in resource.get("identifier", []))
+            for name in resource.get("name", []):
+                secrets.add(name.get("family", ""))
+                secrets.update(name.get("given", []))
+            secrets.add(resource.get("birthDate", ""))
+    # Five bytes or more: shorter strings could turn up by chance in 32-byte pseudonyms.
+    secrets = {s for s in secrets if len(s) >= 5}
+    assert secrets, "found no patient data to look for"
+    leaked = sorted(s for s in secrets if s.encode() in raw)
+    assert not leaked, f"registry database contains patient data: {leaked[:5]}"
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM index_entries").fetchone()[0] > 0

@@ -1,0 +1,153 @@
+"""Flow 4 and 5: a clinician's search fans out; each holder answers for itself."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from tests.conftest import CLINICIAN, NetworkFactory, collect
+from tools.gateway_client import ClientError, GatewayClient
+from tools.spread import SpreadPlan
+from transmural.identifiers import BSN_SYSTEM, canonical
+
+
+def bsn_of(plan: SpreadPlan, fhir_id: str) -> str:
+    for system, value in plan.patients[fhir_id].identifiers:
+        if system == BSN_SYSTEM:
+            return value
+    raise AssertionError(f"patient {fhir_id} has no BSN")
+
+
+def at_least(plan: SpreadPlan, facilities: int) -> list[str]:
+    return sorted(f for f, p in plan.patients.items() if len(p.nodes) >= facilities)
+
+
+async def test_search_reaches_every_holder(network: NetworkFactory, synthetic_bundles) -> None:
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 2)[0]
+    expected = {f"node-{i + 1}" for i in plan.patients[fhir_id].nodes}
+
+    holders, results = await collect(net.client(0), bsn_of(plan, fhir_id))
+
+    assert set(holders.node_ids) == expected
+    assert set(results) == expected
+    for result in results.values():
+        assert result.status == "ok", result
+        assert result.documents, f"{result.node_id} answered ok without documents"
+    # Each facility lists only its own documents: none appears twice.
+    ids = [d.document_id for r in results.values() for d in r.documents]
+    assert len(ids) == len(set(ids))
+
+
+async def test_consent_denied_gives_no_metadata(network: NetworkFactory, synthetic_bundles) -> None:
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 2)[0]
+    refusing = net.nodes[plan.patients[fhir_id].nodes[-1]]
+    record = await refusing.store.patient_by_identifier(
+        canonical(BSN_SYSTEM, bsn_of(plan, fhir_id))
+    )
+    assert record is not None
+    await refusing.store.set_exchange_consent(record.patient_key, False)
+
+    _, results = await collect(net.client(0), bsn_of(plan, fhir_id))
+
+    denied = results[refusing.config.node_id]
+    assert denied.status == "consent-denied"
+    assert denied.documents == []
+    others = [r for n, r in results.items() if n != refusing.config.node_id]
+    assert others and all(r.status == "ok" and r.documents for r in others)
+
+
+async def test_unknown_patient_has_no_holders(network: NetworkFactory, synthetic_bundles) -> None:
+    net = await network(n=2)
+    await net.load(synthetic_bundles)
+    holders, results = await collect(net.client(0), "111222333")
+    assert holders.node_ids == [] and results == {}
+
+
+async def test_invalid_identifier_refused_with_reason(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    with pytest.raises(ClientError, match="11-check") as caught:
+        await collect(net.client(0), "123456789")
+    assert caught.value.exit_code == 2
+
+
+async def test_dead_peer_is_unreachable_others_answer(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = next(f for f in at_least(plan, 2) if any(i != 0 for i in plan.patients[f].nodes))
+    dead = next(net.nodes[i] for i in plan.patients[fhir_id].nodes if i != 0)
+    await dead.stop(0)
+
+    _, results = await collect(net.client(0), bsn_of(plan, fhir_id), deadline_ms=2000)
+
+    assert results[dead.config.node_id].status == "unreachable"
+    assert results[dead.config.node_id].elapsed_ms < 2000, "unreachable must not wait the deadline"
+    alive = [r for n, r in results.items() if n != dead.config.node_id]
+    assert alive and all(r.status == "ok" for r in alive)
+
+
+async def test_fetch_streams_document_and_checks_hash(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 2)[0]
+    bsn = bsn_of(plan, fhir_id)
+    _, results = await collect(net.client(0), bsn)
+    remote = next(r for r in results.values() if r.node_id != "node-1")
+    listed = remote.documents[0]
+
+    out = io.BytesIO()
+    meta = await net.client(0).fetch(bsn, remote.node_id, listed.document_id, out)
+
+    assert meta.document_id == listed.document_id
+    assert len(out.getvalue()) == listed.size
+    assert hashlib.sha256(out.getvalue()).hexdigest() == listed.sha256
+
+
+async def test_fetch_refused_without_consent(network: NetworkFactory, synthetic_bundles) -> None:
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 1)[0]
+    bsn = bsn_of(plan, fhir_id)
+    _, results = await collect(net.client(0), bsn)
+    holder_id, result = next(iter(results.items()))
+    document_id = result.documents[0].document_id
+    await net.consent_all(False)
+
+    with pytest.raises(ClientError, match="consent"):
+        await net.client(0).fetch(bsn, holder_id, document_id, io.BytesIO())
+
+
+async def test_fetch_of_another_patients_document_is_not_found(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    net = await network(n=1)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    first, second = sorted(plan.patients)[:2]
+    _, results = await collect(net.client(0), bsn_of(plan, first))
+    document_id = results["node-1"].documents[0].document_id
+
+    with pytest.raises(ClientError, match="no document"):
+        await net.client(0).fetch(bsn_of(plan, second), "node-1", document_id, io.BytesIO())
+
+
+async def test_requester_without_clinician_refused(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    anonymous = GatewayClient(net.nodes[0].address, type(CLINICIAN)("", "", ""))
+    net.clients.append(anonymous)
+    with pytest.raises(ClientError, match="clinician"):
+        await collect(anonymous, "111222333")

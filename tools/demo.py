@@ -1,0 +1,132 @@
+"""The scripted demo: a clinician at facility 1 looks patients up.
+
+It searches a patient whom several facilities treated (all consenting), a
+patient who refused consent at one of them, a patient known at a single
+facility, fetches one document from another facility, and shows that an
+invalid identifier is refused with a reason. It fails (non-zero) if no
+search got documents from at least two facilities.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from tools.clinician import search
+from tools.devnet import DevNet, _national_identifier
+from tools.gateway_client import ClientError, Clinician, FacilityResult, GatewayClient
+from tools.spread import SpreadPlan
+from transmural.identifiers import BSN_SYSTEM
+
+
+@dataclass(frozen=True)
+class DemoPicks:
+    shared: str | None  # at 2+ facilities, consent everywhere
+    denied: str | None  # at 2+ facilities, refuses at one
+    single: str | None  # at one facility only
+
+
+def pick_patients(plan: SpreadPlan, system: str) -> DemoPicks:
+    """Patients that show each case, chosen the same way every run."""
+    searchable = sorted(
+        (
+            fhir_id
+            for fhir_id, p in plan.patients.items()
+            if _national_identifier(p.identifiers, system) is not None
+        ),
+        key=lambda fhir_id: (-len(plan.patients[fhir_id].nodes), fhir_id),
+    )
+    multi = [f for f in searchable if len(plan.patients[f].nodes) >= 2]
+    single = [f for f in searchable if len(plan.patients[f].nodes) == 1]
+    return DemoPicks(
+        shared=multi[0] if multi else None,
+        denied=multi[1] if len(multi) > 1 else None,
+        single=single[0] if single else None,
+    )
+
+
+async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> bool:
+    """Run the scenario; True when some search reached 2+ facilities."""
+    clinician = Clinician("demo-physician-1", "Dr. A. de Vries", "physician")
+    home = net.configs[0]
+    print(f"\nThe clinician works at {home.node_id} ({home.organisation_name}).", file=out)
+    client = GatewayClient(net.node_address(0), clinician)
+    reached_two = False
+    fetched = False
+    try:
+        cases = [
+            ("treated at several facilities, consent everywhere", picks.shared),
+            ("treated at several facilities, refused consent at one", picks.denied),
+            ("treated at one facility only", picks.single),
+        ]
+        for title, fhir_id in cases:
+            if fhir_id is None:
+                continue
+            token = _token(net, fhir_id)
+            print(f"\n== Search: a patient {title}\n$ transmural search '{token}'", file=out)
+            results = await search(client, token, "treatment", False, out)
+            answered = [r for r in results if r.status == "ok" and r.documents]
+            reached_two |= len(answered) >= 2
+            if not fetched and answered:
+                fetched = await _fetch_one(net, client, token, answered, out)
+        if net.national_system == BSN_SYSTEM:
+            print(
+                "\n== An identifier that cannot be a BSN\n$ transmural search 123456789", file=out
+            )
+            try:
+                await search(client, "123456789", "treatment", False, out)
+            except ClientError as error:
+                print(f"transmural: {error}", file=out)
+    finally:
+        await client.close()
+    _registry_summary(net, out)
+    return reached_two
+
+
+async def _fetch_one(
+    net: DevNet, client: GatewayClient, token: str, answered: list[FacilityResult], out: TextIO
+) -> bool:
+    """Fetch the newest document, from another facility where possible."""
+    remote = [r for r in answered if r.node_id != net.configs[0].node_id] or answered
+    result = remote[0]
+    document = max(result.documents, key=lambda d: d.created)
+    target = net.workdir / "fetched" / _safe_name(document.document_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"\n== Fetch the newest document from {result.node_id}\n"
+        f"$ transmural fetch '{token}' --facility {result.node_id} "
+        f"--document {document.document_id} -o {target}",
+        file=out,
+    )
+    with target.open("wb") as handle:
+        meta = await client.fetch(token, result.node_id, document.document_id, handle)
+    print(
+        f"wrote {meta.size} bytes ({meta.content_type}), SHA-256 verified: {meta.title}", file=out
+    )
+    if meta.content_type.startswith("text/"):
+        preview = target.read_text(errors="replace")[:300].strip()
+        print("  | " + "\n  | ".join(preview.splitlines()), file=out)
+    return True
+
+
+def _token(net: DevNet, fhir_id: str) -> str:
+    value = _national_identifier(net.plan.patients[fhir_id].identifiers, net.national_system)
+    return f"{net.national_system}|{value}"
+
+
+def _safe_name(document_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in document_id)[:120]
+
+
+def _registry_summary(net: DevNet, out: TextIO) -> None:
+    db = Path(net.workdir / "registry" / "registry.db")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        entries = conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
+        nodes = conn.execute("SELECT count(*) FROM nodes").fetchone()[0]
+    print(
+        f"\nThe registry knows {nodes} nodes and {entries} index entries: "
+        f"pseudonyms only, no identifier, name or birth date.",
+        file=out,
+    )

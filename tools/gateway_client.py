@@ -1,0 +1,194 @@
+"""The clinician's side of the Gateway service, as plain Python.
+
+Used by the ``transmural`` command and by the demo; returns dataclasses
+and raises ``ClientError`` with a message fit for a terminal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import grpc
+
+from transmural import transport
+from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+STATUS_NAMES = {
+    common_pb2.FACILITY_STATUS_OK: "ok",
+    common_pb2.FACILITY_STATUS_NO_RECORD: "no-record",
+    common_pb2.FACILITY_STATUS_CONSENT_DENIED: "consent-denied",
+    common_pb2.FACILITY_STATUS_TIMEOUT: "timeout",
+    common_pb2.FACILITY_STATUS_UNREACHABLE: "unreachable",
+    common_pb2.FACILITY_STATUS_ERROR: "error",
+}
+
+
+class ClientError(Exception):
+    """A failure to show the clinician; ``exit_code`` for the command."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class Clinician:
+    clinician_id: str
+    display_name: str
+    role: str
+    organisation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    document_id: str
+    title: str
+    type_code: str
+    type_display: str
+    content_type: str
+    size: int
+    sha256: str
+    created: str
+    author_organisation: str
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityResult:
+    node_id: str
+    organisation: str
+    status: str
+    elapsed_ms: int
+    message: str = ""
+    documents: list[Document] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Holders:
+    """First event of a search: which facilities the registry listed."""
+
+    node_ids: list[str]
+    organisations: list[str]
+    correlation_id: str
+
+
+def split_token(text: str) -> common_pb2.PatientIdentifier:
+    """``system|value`` or a bare value (the node's national system)."""
+    system, _, value = text.rpartition("|")
+    return common_pb2.PatientIdentifier(system=system, value=value)
+
+
+class GatewayClient:
+    """A connection to the clinician's own node."""
+
+    def __init__(self, address: str, clinician: Clinician) -> None:
+        self.address = address
+        self._clinician = clinician
+        self._channel = transport.open_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _requester(self, purpose: str) -> common_pb2.Requester:
+        c = self._clinician
+        return common_pb2.Requester(
+            clinician_id=c.clinician_id,
+            display_name=c.display_name,
+            role=c.role,
+            organisation_id=c.organisation_id,
+            purpose_of_use=purpose,
+        )
+
+    async def search(
+        self, identifier: str, purpose: str = "treatment", deadline_ms: int = 0
+    ) -> AsyncIterator[Holders | FacilityResult]:
+        request = gateway_pb2.SearchRequest(
+            patient=split_token(identifier),
+            requester=self._requester(purpose),
+            deadline_ms=deadline_ms,
+        )
+        try:
+            async for event in self._stub.Search(request):
+                if event.HasField("located"):
+                    holders = event.located.holders
+                    yield Holders(
+                        [h.node_id for h in holders],
+                        [h.organisation_name for h in holders],
+                        event.located.correlation_id,
+                    )
+                else:
+                    yield _result(event.result)
+        except grpc.aio.AioRpcError as error:
+            raise self._client_error(error) from None
+
+    async def fetch(
+        self,
+        identifier: str,
+        node_id: str,
+        document_id: str,
+        out: BinaryIO,
+        purpose: str = "treatment",
+    ) -> Document:
+        """Write the document to ``out``; checks its size and SHA-256."""
+        request = gateway_pb2.GatewayFetchRequest(
+            patient=split_token(identifier),
+            node_id=node_id,
+            document_id=document_id,
+            requester=self._requester(purpose),
+        )
+        digest, size, metadata = hashlib.sha256(), 0, None
+        try:
+            async for chunk in self._stub.FetchDocument(request):
+                if chunk.HasField("metadata") and metadata is None:
+                    metadata = _document(chunk.metadata)
+                digest.update(chunk.data)
+                size += len(chunk.data)
+                out.write(chunk.data)
+        except grpc.aio.AioRpcError as error:
+            raise self._client_error(error) from None
+        if metadata is None:
+            raise ClientError("the facility sent no document metadata")
+        if metadata.sha256 and digest.hexdigest() != metadata.sha256:
+            raise ClientError(
+                f"document {document_id}: SHA-256 mismatch ({size} bytes received); "
+                "the content is not what the facility listed"
+            )
+        return metadata
+
+    def _client_error(self, error: grpc.aio.AioRpcError) -> ClientError:
+        code, detail = error.code(), error.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return ClientError(f"cannot reach your node at {self.address}: is it running?", 3)
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            return ClientError(detail, 2)
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+            return ClientError(detail, 1)
+        return ClientError(f"{code.name.lower()}: {detail}", 1)
+
+
+def _document(m: common_pb2.DocumentMetadata) -> Document:
+    return Document(
+        m.document_id,
+        m.title,
+        m.type_code,
+        m.type_display,
+        m.content_type,
+        m.size,
+        m.sha256,
+        m.created,
+        m.author_organisation,
+    )
+
+
+def _result(r: gateway_pb2.FacilityResult) -> FacilityResult:
+    return FacilityResult(
+        node_id=r.facility.node_id,
+        organisation=r.facility.organisation_name,
+        status=STATUS_NAMES.get(r.status, "error"),
+        elapsed_ms=r.elapsed_ms,
+        message=r.message,
+        documents=[_document(d) for d in r.documents],
+    )

@@ -1,0 +1,83 @@
+"""Server processes started by devnet: start, wait for ready, stop.
+
+Each server is started on port 0 with a ready file; it writes its real
+address there once serving. A server that dies before that is reported
+with the end of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class ProcessError(Exception):
+    pass
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    address: str = ""
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                self.address = json.loads(self.ready_file.read_text())["address"]
+                return self.address
+            if self.process.poll() is not None:
+                raise ProcessError(
+                    f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        raise ProcessError(f"{self.name} was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def start_server(name: str, module: str, args: list[str], folder: Path) -> ServerProcess:
+    """Start ``python -m module serve ARGS`` logging into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ready = folder / "ready.json"
+    ready.unlink(missing_ok=True)
+    log = folder / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        "serve",
+        *args,
+        "--ready-file",
+        str(ready),
+        "--log-file",
+        str(log),
+    ]
+    with (folder / "stderr.log").open("ab") as stderr:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    return ServerProcess(name, process, ready, log)
