@@ -21,13 +21,13 @@ _STATUS_TO_PROTO = {
 _STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
 
 
-def status_to_proto(status: Status) -> int:
+def status_to_proto(status: Status) -> common_pb2.FacilityStatus:
     return _STATUS_TO_PROTO[status]
 
 
-def status_from_proto(value: int) -> Status | None:
+def status_from_proto(value: common_pb2.FacilityStatus) -> Status | None:
     """The domain status, or None for a value this version does not know."""
-    return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    return _STATUS_FROM_PROTO.get(value)
 
 
 def requester_to_proto(requester: Requester) -> common_pb2.Requester:

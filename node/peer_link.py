@@ -71,11 +71,11 @@ class PeerChannels:
             status = _PEER_STATUS.get(error.code(), Status.ERROR)
             return status, _describe(error), []
         self._warned.discard(facility.node_id)
-        status = status_from_proto(response.status)
-        if status not in (Status.OK, Status.NO_RECORD, Status.CONSENT_DENIED):
+        answered = status_from_proto(response.status)
+        if answered not in (Status.OK, Status.NO_RECORD, Status.CONSENT_DENIED):
             return Status.ERROR, "the facility sent an answer this node does not understand", []
         documents = [document_from_proto(d) for d in response.documents]
-        return status, "", documents if status is Status.OK else []
+        return answered, "", documents if answered is Status.OK else []
 
     async def fetch_document(
         self,

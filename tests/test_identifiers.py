@@ -47,7 +47,12 @@ def test_bsn_eight_digits_are_left_padded() -> None:
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [("1234567", "9 digits"), ("1234567890", "9 digits"), ("12345678a", "only digits"), ("", "empty")],
+    [
+        ("1234567", "9 digits"),
+        ("1234567890", "9 digits"),
+        ("12345678a", "only digits"),
+        ("", "empty"),
+    ],
 )
 def test_bsn_refused_with_reason(value: str, reason: str) -> None:
     with pytest.raises(InvalidIdentifier, match=reason):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.ingest import ingest_file, ingest_folder
+from node.records import IngestReport
 from node.store import NodeStore
 from tools import demo as demo_scenario
 from tools import devnet
@@ -32,36 +33,37 @@ def say(message: str) -> None:
 
 
 async def ingest(config_path: Path, paths: list[Path]) -> int:
+    """Load each file or folder; every refused bundle is named on stderr."""
     config = NodeConfig.load(config_path)
     pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
     store = await NodeStore.open(config.database)
     failures = 0
     try:
         for path in paths:
-            if path.is_dir():
-                reports, errors = await ingest_folder(
-                    store, path, pseudonymiser, config.national_system
-                )
-            else:
-                try:
-                    reports = [
-                        await ingest_file(store, path, pseudonymiser, config.national_system)
-                    ]
-                    errors = []
-                except InvalidBundle as error:
-                    reports, errors = [], [error]
-            for error in errors:
-                print(f"refused: {error}", file=sys.stderr)
-            failures += len(errors)
-            patients = sum(r.patients for r in reports)
-            resources = sum(r.resources for r in reports)
+            reports, refused = await _ingest_path(store, path, pseudonymiser, config)
+            for problem in refused:
+                print(f"refused: {problem}", file=sys.stderr)
+            failures += len(refused)
             say(
-                f"{path}: {len(reports)} bundles, {patients} patients, {resources} resources"
-                + (f", {len(errors)} refused" if errors else "")
+                f"{len(reports)} bundles from {path}: {sum(r.patients for r in reports)} "
+                f"patients, {sum(r.resources for r in reports)} resources, "
+                f"{sum(r.documents for r in reports)} documents"
+                + (f"; {len(refused)} refused" if refused else "")
             )
     finally:
         await store.close()
     return 1 if failures else 0
+
+
+async def _ingest_path(
+    store: NodeStore, path: Path, pseudonymiser: Pseudonymiser, config: NodeConfig
+) -> tuple[list[IngestReport], list[InvalidBundle]]:
+    if await asyncio.to_thread(path.is_dir):
+        return await ingest_folder(store, path, pseudonymiser, config.national_system)
+    try:
+        return [await ingest_file(store, path, pseudonymiser, config.national_system)], []
+    except InvalidBundle as problem:
+        return [], [problem]
 
 
 async def consent(config_path: Path, identifier: str, allow: bool) -> int:
@@ -89,7 +91,7 @@ def run_devnet(args: argparse.Namespace) -> int:
         devnet.write_configs(net)
         devnet.ingest_all(net, say)
         picks = demo_scenario.pick_patients(net.plan, net.national_system)
-        keep = {picks.shared} if picks.shared else set()
+        keep = {p for p in (picks.shared, picks.single) if p}
         deny = {picks.denied} if picks.denied else set()
         asyncio.run(devnet.set_consent(net, keep, deny))
         devnet.start_nodes(net)

@@ -33,6 +33,7 @@ async def search(
     as_json: bool,
     out: TextIO,
     deadline_ms: int = 0,
+    table_limit: int | None = None,
 ) -> list[FacilityResult]:
     """Run one search, printing facilities as they answer; returns results."""
     holders: Holders | None = None
@@ -50,7 +51,7 @@ async def search(
         json.dump(search_json(identifier, holders, results), out, indent=2)
         print(file=out)
     else:
-        table = documents_table(results)
+        table = documents_table(results, table_limit)
         if table:
             print(file=out)
             print("\n".join(table), file=out)

@@ -66,7 +66,7 @@ async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> bool:
                 continue
             token = _token(net, fhir_id)
             print(f"\n== Search: a patient {title}\n$ transmural search '{token}'", file=out)
-            results = await search(client, token, "treatment", False, out)
+            results = await search(client, token, "treatment", False, out, table_limit=8)
             answered = [r for r in results if r.status == "ok" and r.documents]
             reached_two |= len(answered) >= 2
             if not fetched and answered:

@@ -16,13 +16,14 @@ patients, and the servers run as separate processes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ def default_workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="transmural-devnet-"))
 
 
-def prepare(workdir: Path, nodes: int, data: Path | None, say: callable) -> DevNet:  # type: ignore[valid-type]
+def prepare(workdir: Path, nodes: int, data: Path | None, say: Callable[[str], None]) -> DevNet:
     """Key, data spread over nodes, node configs, ingest and consent."""
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = workdir / "network.key"
@@ -113,19 +114,13 @@ def start_registry(net: DevNet) -> None:
 
 def write_configs(net: DevNet) -> None:
     assert net.registry is not None
-    net.configs = [
-        NodeConfig(**{**_fields(c), "registry": net.registry.address}) for c in net.configs
-    ]
+    net.configs = [dataclasses.replace(c, registry=net.registry.address) for c in net.configs]
     for config in net.configs:
         folder = config.database.parent
         (folder / "node.toml").write_text(config.to_toml(folder))
 
 
-def _fields(config: NodeConfig) -> dict[str, object]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
-
-
-def ingest_all(net: DevNet, say: callable) -> None:  # type: ignore[valid-type]
+def ingest_all(net: DevNet, say: Callable[[str], None]) -> None:
     """Each node ingests its share, as separate processes, a core each."""
     pending = list(net.configs)
     running: list[tuple[NodeConfig, subprocess.Popen[bytes]]] = []
@@ -154,7 +149,8 @@ def ingest_all(net: DevNet, say: callable) -> None:  # type: ignore[valid-type]
         if process.wait() != 0:
             log_text = (config.database.parent / "ingest.log").read_text(errors="replace")
             raise ProcessError(f"ingest into {config.node_id} failed:\n{log_text[-2000:]}")
-        say(f"{config.node_id} ingested its share")
+        summary = (config.database.parent / "ingest.log").read_text().strip().splitlines()
+        say(f"{config.node_id} ingested {summary[-1] if summary else 'its share'}")
 
 
 async def set_consent(net: DevNet, keep_consent: set[str], deny_once: set[str]) -> None:

@@ -29,7 +29,9 @@ def facility_line(result: FacilityResult) -> str:
 def holders_line(holders: Holders) -> str:
     if not holders.node_ids:
         return "No facility in the network knows this patient."
-    return f"{len(holders.node_ids)} facilities hold data on this patient; asking them all:"
+    count = len(holders.node_ids)
+    verb = "holds" if count == 1 else "hold"
+    return f"{_count(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
 
 
 def documents_table(results: list[FacilityResult], limit: int | None = None) -> list[str]:
@@ -57,6 +59,10 @@ def search_json(identifier: str, holders: Holders | None, results: list[Facility
         "correlation_id": holders.correlation_id if holders else "",
         "facilities": [dataclasses.asdict(r) for r in results],
     }
+
+
+def _count(n: int, word: str, plural: str = "") -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _size(n: int) -> str:
