@@ -1,43 +1,69 @@
-"""``transmural-node``: run a facility node from its config file."""
+"""``transmural-node``: run a facility node from its config file.
+
+    transmural-node serve --config node.toml [--ready-file PATH]
+                          [--log-file PATH] [--log-level LEVEL]
+
+SIGINT or SIGTERM stops the node gracefully (exit 0). A bad flag, an
+unreadable or invalid config, a missing network key or an address that
+cannot be bound is one line on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import NodeConfig
 from node.server import NodeServer
 from transmural.errors import TransmuralError
-from transmural.process import serve_until_signalled, setup_logging
+from transmural.process import (
+    EXIT_USAGE,
+    OneLineParser,
+    add_serve_arguments,
+    configure_logging,
+    serve_until_signalled,
+)
+
+log = logging.getLogger(__name__)
+PROG = "transmural-node"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="transmural-node", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
-    serve.add_argument("--config", type=Path, required=True, help="node TOML config file")
-    serve.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
-    serve.add_argument("--log-file", type=Path, help="log here instead of stderr")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+async def serve(config: NodeConfig, ready_file: Path | None) -> None:
+    node = NodeServer(config)
+
+    async def start() -> str:
+        await node.start()
+        return node.address
+
+    await serve_until_signalled(start, node.stop, ready_file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(prog=PROG, description="A Transmural facility node.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_command = commands.add_parser("serve", help="run the node until SIGINT or SIGTERM")
+    serve_command.add_argument(
+        "--config", type=Path, required=True, metavar="PATH", help="node TOML config file"
+    )
+    add_serve_arguments(serve_command)
     args = parser.parse_args(argv)
-    setup_logging(args.log_file, args.log_level)
     try:
+        configure_logging(args.log_level, args.log_file)
         config = NodeConfig.load(args.config)
-        node = NodeServer(config)
-
-        async def start() -> str:
-            await node.start()
-            return node.address
-
-        asyncio.run(serve_until_signalled(start, node.stop, args.ready_file))
+        asyncio.run(serve(config, args.ready_file))
     except TransmuralError as error:
-        print(f"transmural-node: {error}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as error:
-        print(f"transmural-node: {error}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {error.strerror or error}: {error.filename or ''}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:
+        log.exception("node failed")
+        print(f"{PROG}: error: unexpected failure; see the log", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,42 +1,80 @@
-"""Running a server as a process: logging, ready file, signals.
+"""Running a server as a process: logging, ready file, signals, usage errors.
 
 A supervisor (devnet, compose, systemd) starts a server on port 0 and
 learns the real address from the ready file, written atomically once the
-server is serving.
+server is serving and removed again on a clean stop.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
+
+from transmural.errors import ConfigError
+
+EXIT_USAGE = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Libraries that would log every statement's parameters (pseudonyms) at DEBUG.
+QUIET_LIBRARIES = ("aiosqlite", "grpc", "asyncio")
 
 
-def setup_logging(log_file: Path | None, level: str) -> None:
-    """Log to ``log_file`` (or stderr) with time, level and module."""
-    handler: logging.Handler
-    if log_file is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as every Transmural CLI error is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """The flags every server's ``serve`` command takes."""
+    serve.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help='write {"address", "pid"} as JSON here once serving',
+    )
+    serve.add_argument(
+        "--log-file", type=Path, metavar="PATH", help="append logs here instead of stderr"
+    )
+    serve.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="default INFO"
+    )
+
+
+def configure_logging(level: str, log_file: Path | None) -> None:
+    """Send logs to ``log_file`` (or stderr); OSError if the file cannot be opened.
+
+    Libraries that trace every call at DEBUG stay at INFO even then: aiosqlite
+    would write each statement with its parameters into the log.
+    """
+    handler: logging.Handler = (
+        logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler()
+    )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 def write_ready_file(path: Path, address: str) -> None:
-    """Write ``{"address", "pid"}`` to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    tmp.replace(path)
+    """Write the ready file so a reader never sees it half-written (tmp + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the ready file {path}: {exc.strerror or exc}") from exc
 
 
 async def serve_until_signalled(
@@ -44,15 +82,18 @@ async def serve_until_signalled(
     stop: Callable[[], Awaitable[None]],
     ready_file: Path | None,
 ) -> None:
-    """Start, announce the address, wait for SIGINT/SIGTERM, stop."""
+    """Start, announce the address, wait for SIGINT/SIGTERM, stop, withdraw the address."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
     address = await start()
-    if ready_file is not None:
-        write_ready_file(ready_file, address)
     try:
+        if ready_file is not None:
+            await asyncio.to_thread(write_ready_file, ready_file, address)
         await stopping.wait()
+        logging.getLogger(__name__).info("stop requested")
     finally:
         await stop()
+        if ready_file is not None:
+            await asyncio.to_thread(ready_file.unlink, missing_ok=True)
