@@ -2,29 +2,19 @@
 
 ``MIGRATIONS[n - 1]`` takes a database from version ``n - 1`` to ``n``.
 Deltas are append-only: once released, a delta never changes; a new
-column or index is a new delta at the end. ``NodeStore.open`` applies the
-missing ones in one ``BEGIN IMMEDIATE`` transaction and records each in
-``schema_version``, so two processes opening one file at once (node server
-and admin CLI) cannot both apply a delta.
+column or index is a new delta at the end. ``transmural.database`` applies
+the missing ones when ``NodeStore.open`` opens the file, in one ``BEGIN
+IMMEDIATE`` transaction, recording each in ``schema_version``, so two
+processes opening one file at once (node server and admin CLI) cannot both
+apply a delta.
 """
 
 from __future__ import annotations
 
-import logging
-import sqlite3
+from transmural.database import statements
 
-import aiosqlite
-
-from transmural.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION_TABLE = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version    INTEGER PRIMARY KEY,
-    applied_at TEXT NOT NULL
-)
-"""
+# ``statements`` is re-exported so the deltas can be checked where they live.
+__all__ = ["MIGRATIONS", "statements"]
 
 _V1 = """
 -- One row per patient of this facility. The national identifier is kept
@@ -123,38 +113,3 @@ CREATE TABLE index_outbox (
 """
 
 MIGRATIONS: list[str] = [_V1]
-
-
-def statements(script: str) -> list[str]:
-    """Split a delta into statements (``executescript`` would commit mid-transaction)."""
-    found: list[str] = []
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        if not pending and (not line.strip() or line.lstrip().startswith("--")):
-            continue
-        pending += line
-        if sqlite3.complete_statement(pending):
-            found.append(pending.strip())
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
-    return found
-
-
-async def migrate(db: aiosqlite.Connection, now: str) -> None:
-    """Apply the missing deltas; call inside a ``BEGIN IMMEDIATE`` transaction."""
-    await db.execute(SCHEMA_VERSION_TABLE)
-    rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
-    current = rows[0][0] or 0
-    if current > len(MIGRATIONS):
-        raise ConfigError(
-            f"the node database has schema version {current}; this software knows "
-            f"up to {len(MIGRATIONS)}: upgrade the software"
-        )
-    for version in range(current + 1, len(MIGRATIONS) + 1):
-        for statement in statements(MIGRATIONS[version - 1]):
-            await db.execute(statement)
-        await db.execute(
-            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now)
-        )
-        log.info("node database migrated to schema version %d", version)

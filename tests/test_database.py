@@ -1,0 +1,111 @@
+"""The SQLite plumbing both stores share: migrations, transactions, refusing bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from transmural.clock import SystemClock
+from transmural.database import Database
+from transmural.errors import ConfigError
+
+CREATE = """
+-- A log of which migration ran, in the order they ran.
+CREATE TABLE steps (
+    n INTEGER NOT NULL
+);
+INSERT INTO steps (n) VALUES (1);
+"""
+SECOND = "INSERT INTO steps (n) VALUES (2);"
+THIRD = "INSERT INTO steps (n) VALUES (3);"
+
+
+async def open_test_db(path: Path, migrations: Sequence[str]) -> Database:
+    return await Database.open(path, migrations, SystemClock(), owner="test", busy_timeout_ms=1_000)
+
+
+async def steps_and_versions(db: Database) -> tuple[list[int], list[int]]:
+    steps = [row[0] for row in await db.fetch("SELECT n FROM steps ORDER BY rowid")]
+    versions = [row[0] for row in await db.fetch("SELECT version FROM schema_version")]
+    return steps, versions
+
+
+async def test_migrations_apply_once_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "test.db"
+    db = await open_test_db(path, [CREATE, SECOND])
+    await db.close()
+    db = await open_test_db(path, [CREATE, SECOND, THIRD])  # only the new one runs
+    await db.close()
+    db = await open_test_db(path, [CREATE, SECOND, THIRD])  # nothing runs
+    try:
+        assert await steps_and_versions(db) == ([1, 2, 3], [1, 2, 3])
+    finally:
+        await db.close()
+
+
+async def test_a_newer_schema_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "test.db"
+    await (await open_test_db(path, [CREATE, SECOND])).close()
+
+    with pytest.raises(ConfigError) as refused:
+        await open_test_db(path, [CREATE])
+
+    message = str(refused.value)
+    assert f"test database {path}" in message
+    assert "schema version 2, newer than this test understands (1)" in message
+    assert "upgrade the software" in message
+
+
+async def test_a_failing_transaction_is_rolled_back(tmp_path: Path) -> None:
+    db = await open_test_db(tmp_path / "test.db", [CREATE])
+    try:
+        async with db.transaction("second") as conn:
+            await conn.execute("INSERT INTO steps (n) VALUES (2)")
+
+        with pytest.raises(RuntimeError, match="half-way"):
+            async with db.transaction("third") as conn:
+                await conn.execute("INSERT INTO steps (n) VALUES (3)")
+                raise RuntimeError("half-way")
+
+        assert (await steps_and_versions(db))[0] == [1, 2]
+        async with db.transaction("again") as conn:  # the connection is usable again
+            await conn.execute("INSERT INTO steps (n) VALUES (4)")
+        assert (await steps_and_versions(db))[0] == [1, 2, 4]
+    finally:
+        await db.close()
+
+
+async def test_a_failing_commit_is_rolled_back(tmp_path: Path) -> None:
+    """A deferred foreign key fails at COMMIT, which leaves the transaction open."""
+    parents = """
+    CREATE TABLE parents (id INTEGER PRIMARY KEY);
+    CREATE TABLE children (
+        parent INTEGER NOT NULL REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED
+    );
+    """
+    db = await open_test_db(tmp_path / "test.db", [parents])
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            async with db.transaction("orphan") as conn:
+                await conn.execute("INSERT INTO children (parent) VALUES (7)")
+
+        assert await db.fetch("SELECT * FROM children") == []
+        async with db.transaction("parent") as conn:
+            await conn.execute("INSERT INTO parents (id) VALUES (7)")
+            await conn.execute("INSERT INTO children (parent) VALUES (7)")
+        assert [tuple(row) for row in await db.fetch("SELECT parent FROM children")] == [(7,)]
+    finally:
+        await db.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a.db"
+    await asyncio.to_thread(bad.write_bytes, b"this is not an SQLite database" * 10)
+
+    with pytest.raises(ConfigError, match=re.escape(f"cannot use test database {bad}: ")):
+        await open_test_db(bad, [CREATE])

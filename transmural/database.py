@@ -1,0 +1,185 @@
+"""One SQLite file behind one aiosqlite connection: what the node and registry stores share.
+
+The connection's worker thread runs calls in order, so it is the single
+writer. An ``asyncio.Lock`` keeps the statements of one transaction (or one
+multi-query read) together: no other call lands between them across awaits.
+Every write is one named ``BEGIN IMMEDIATE`` transaction, so it takes the
+write lock at its start, and another process writing the same file (the
+admin CLI beside the node server) waits ``busy_timeout`` instead of failing
+half-way. WAL lets that process read while we write.
+
+The schema is a list of numbered SQL scripts: ``migrations[n - 1]`` takes a
+database from version ``n - 1`` to ``n``. ``Database.open`` applies the
+missing ones in one transaction and records each in ``schema_version``, so two
+processes opening one file at once cannot both apply a script. A database
+newer than the code, or a file that is not a usable database, is a
+ConfigError naming the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from transmural.clock import Clock, utc_iso
+from transmural.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER PRIMARY KEY NOT NULL,
+    applied_at TEXT NOT NULL
+)
+"""
+
+
+class Database:
+    """An open, migrated SQLite database; get one with ``Database.open``."""
+
+    def __init__(
+        self, connection: aiosqlite.Connection, clock: Clock, path: Path | str, owner: str
+    ) -> None:
+        self._connection = connection
+        self._clock = clock
+        self._owner = owner
+        #: How errors and logs name this database: "node database /var/node.db".
+        self._name = f"{owner} database {path}"
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        migrations: Sequence[str],
+        clock: Clock,
+        *,
+        owner: str,
+        busy_timeout_ms: int,
+    ) -> Database:
+        """Open (creating if needed) and migrate the database at ``path``.
+
+        ``owner`` names whose database it is ("node", "registry") in errors
+        and logs. ConfigError when the file cannot be opened or used, or its
+        schema is newer than ``migrations``.
+        """
+        try:
+            # Open once in plain sqlite3 first: aiosqlite's own failed connect
+            # leaves its worker thread to report into a loop that may be gone.
+            await asyncio.to_thread(_try_open, str(path))
+            connection = await aiosqlite.connect(str(path), isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open {owner} database {path}: {exc}") from exc
+        database = cls(connection, clock, path, owner)
+        try:
+            await database._configure(busy_timeout_ms)
+            await database._migrate(migrations)
+        except sqlite3.Error as exc:
+            await connection.close()
+            raise ConfigError(f"cannot use {owner} database {path}: {exc}") from exc
+        except BaseException:
+            await connection.close()
+            raise
+        return database
+
+    async def close(self) -> None:
+        """Close the connection once any transaction in progress is done."""
+        async with self._lock:
+            await self._connection.close()
+
+    @asynccontextmanager
+    async def transaction(self, name: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One named write transaction; rolled back if anything in it fails."""
+        async with self._lock:
+            started = self._clock.monotonic()
+            await self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+                await self._connection.execute("COMMIT")
+            except BaseException:
+                await self._rollback(name)
+                raise
+            log.debug(
+                "transaction %s took %.1f ms", name, (self._clock.monotonic() - started) * 1000
+            )
+
+    @asynccontextmanager
+    async def read(self, name: str) -> AsyncIterator[aiosqlite.Connection]:
+        """A named read of several queries; never sees half of a write of ours."""
+        async with self._lock:
+            started = self._clock.monotonic()
+            yield self._connection
+            log.debug("read %s took %.1f ms", name, (self._clock.monotonic() - started) * 1000)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of one query."""
+        async with self._lock:
+            return list(await self._connection.execute_fetchall(sql, params))
+
+    async def _rollback(self, name: str) -> None:
+        try:
+            await self._connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            # A failed COMMIT may already have ended the transaction.
+            log.debug("transaction %s had nothing to roll back", name)
+        else:
+            log.debug("transaction %s rolled back", name)
+
+    async def _configure(self, busy_timeout_ms: int) -> None:
+        db = self._connection
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+        mode = str(rows[0][0]).lower() if rows else ""
+        if mode not in ("wal", "memory"):
+            raise ConfigError(f"the {self._name} cannot use write-ahead logging (got {mode!r})")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.execute("PRAGMA foreign_keys = ON")
+
+    async def _migrate(self, migrations: Sequence[str]) -> None:
+        """Bring the schema to ``len(migrations)`` in one transaction."""
+        latest = len(migrations)
+        async with self.transaction("migrate") as db:
+            await db.execute(_SCHEMA_VERSION_TABLE)
+            rows = list(await db.execute_fetchall("SELECT max(version) FROM schema_version"))
+            current = int(rows[0][0] or 0)
+            if current > latest:
+                raise ConfigError(
+                    f"the {self._name} has schema version {current}, newer than this "
+                    f"{self._owner} understands ({latest}): upgrade the software"
+                )
+            applied_at = utc_iso(self._clock.now())
+            for version in range(current + 1, latest + 1):
+                for statement in statements(migrations[version - 1]):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, applied_at),
+                )
+                log.info("%s migrated to schema version %d", self._name, version)
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration into statements (``executescript`` would commit mid-transaction)."""
+    found: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
+    return found
+
+
+def _try_open(path: str) -> None:
+    sqlite3.connect(path).close()
