@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 
+import grpc
 import pytest
 
+from node.answers import Facility
+from node.records import IndexChange
+from node.registry_link import RegistryLink
 from tests.conftest import CLINICIAN, NetworkFactory, collect
 from tools.gateway_client import ClientError, GatewayClient
 from tools.spread import SpreadPlan
@@ -151,3 +156,71 @@ async def test_requester_without_clinician_refused(network: NetworkFactory) -> N
     net.clients.append(anonymous)
     with pytest.raises(ClientError, match="clinician"):
         await collect(anonymous, "111222333")
+
+
+async def test_stale_index_entry_answers_no_record(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    """The registry lists node-2, but node-2 no longer has the patient."""
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = next(f for f in sorted(plan.patients) if plan.patients[f].nodes == [0])
+    bsn = bsn_of(plan, fhir_id)
+    pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
+    link = RegistryLink(net.registry.address)
+    try:
+        await link.publish("node-2", [IndexChange(seq=0, pseudonym=pseudonym, withdrawn=False)])
+    finally:
+        await link.close()
+
+    _, results = await collect(net.client(0), bsn)
+
+    assert results["node-2"].status == "no-record"
+    assert results["node-2"].documents == []
+    assert results["node-1"].status == "ok"
+
+
+async def test_peer_that_never_answers_times_out(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    """A facility that accepts the call and hangs: timeout, the others answer."""
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = sorted(plan.patients)[0]
+    bsn = bsn_of(plan, fhir_id)
+    hung, address = await _start_hung_peer()
+    link = RegistryLink(net.registry.address)
+    try:
+        await link.register(Facility("hung", "Hung Facility", "", address))
+        pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
+        await link.publish("hung", [IndexChange(seq=0, pseudonym=pseudonym, withdrawn=False)])
+
+        _, results = await collect(net.client(0), bsn, deadline_ms=300)
+    finally:
+        await link.close()
+        await hung.stop(0)
+
+    assert results["hung"].status == "timeout"
+    assert 250 <= results["hung"].elapsed_ms < 2000
+    answered = [r for n, r in results.items() if n != "hung"]
+    assert answered and all(r.status == "ok" for r in answered)
+
+
+async def _start_hung_peer() -> tuple[grpc.aio.Server, str]:
+    """A gRPC server whose Peer.FindDocuments accepts and never answers."""
+    never = asyncio.Event()
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "transmural.v1.Peer", {"FindDocuments": grpc.unary_unary_rpc_method_handler(hang)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
