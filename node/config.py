@@ -71,7 +71,10 @@ class NodeConfig:
         missing = [k for k in ("node_id", "organisation_name", "registry") if k not in raw]
         if missing:
             raise ConfigError(f"node config lacks: {', '.join(missing)}")
+        for key, value in raw.items():
+            _check_type(key, value)
         values = dict(raw)
+        values["peer_deadline_s"] = float(raw.get("peer_deadline_s", const.PEER_DEADLINE_S))
         values["database"] = base / str(raw.get("database", "node.db"))
         values["network_key_file"] = base / str(raw.get("network_key_file", "network.key"))
         if "national_system" in raw:
@@ -87,6 +90,15 @@ class NodeConfig:
                 value = str(value.relative_to(base) if value.is_relative_to(base) else value)
             lines.append(f"{name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _check_type(key: str, value: object) -> None:
+    """Config values are strings, but for the deadline, which is a number."""
+    if key == "peer_deadline_s":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"node config: {key} must be a number of seconds, not {value!r}")
+    elif not isinstance(value, str):
+        raise ConfigError(f"node config: {key} must be a string, not {value!r}")
 
 
 def _toml_value(value: object) -> str:

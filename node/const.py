@@ -9,6 +9,8 @@ REGISTRY_DEADLINE_S = 3.0
 #: Deadline of a whole document fetch through the gateway.
 FETCH_DEADLINE_S = 120.0
 
+#: How often a node re-registers its directory entry with the registry.
+REGISTER_INTERVAL_S = 30.0
 #: How often the publisher looks for new index changes when idle.
 PUBLISH_POLL_S = 0.5
 #: First and longest wait before retrying a registry that did not answer.

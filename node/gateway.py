@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from node import const
 from node.answers import Facility, FacilityAnswer, Located, Requester, Status
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
-from transmural.errors import InvalidInput, NotFound
+from transmural.errors import InvalidInput, NotFound, Unavailable
 from transmural.identifiers import Identifier
 from transmural.pseudonym import Pseudonymiser
 
@@ -55,7 +55,7 @@ class PeerLink(Protocol):
         document_id: str,
         requester: Requester,
         correlation_id: str,
-    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]: ...
+    ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]: ...
 
 
 class Gateway:
@@ -109,9 +109,22 @@ class Gateway:
             raise NotFound(f"facility {node_id!r} is not listed as holding this patient's data")
         correlation_id = uuid.uuid4().hex
         log.info("fetch %s: document %s from %s", correlation_id, document_id, node_id)
-        async for piece in self._peers.fetch_document(
+        pieces = self._peers.fetch_document(
             facility, pseudonym, document_id, requester, correlation_id
-        ):
+        )
+        while True:
+            # Each chunk within the peer deadline: a frozen facility is
+            # reported in seconds, while a large document may take minutes.
+            try:
+                async with asyncio.timeout(self._default_deadline_s):
+                    piece = await anext(pieces)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await pieces.aclose()
+                raise Unavailable(
+                    f"facility {node_id} did not answer within {self._default_deadline_s:g} s"
+                ) from None
             yield piece
 
     def _deadline(self, deadline_s: float | None) -> float:

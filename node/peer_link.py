@@ -9,7 +9,7 @@ refused or dead connection ``unreachable``, anything else ``error``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -84,7 +84,7 @@ class PeerChannels:
         document_id: str,
         requester: Requester,
         correlation_id: str,
-    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
+    ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]:
         request = peer_pb2.FetchDocumentRequest(
             pseudonym=pseudonym,
             document_id=document_id,

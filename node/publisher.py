@@ -17,6 +17,7 @@ from node import const
 from node.answers import Facility
 from node.registry_link import RegistryLink
 from node.store import NodeStore
+from transmural.clock import Clock, SystemClock
 from transmural.const import MAX_PUBLISH_BATCH
 from transmural.errors import NotFound, TransmuralError
 
@@ -26,11 +27,18 @@ log = logging.getLogger(__name__)
 class IndexPublisher:
     """Registers this node and sends its index changes to the registry."""
 
-    def __init__(self, store: NodeStore, registry: RegistryLink, facility: Facility) -> None:
+    def __init__(
+        self,
+        store: NodeStore,
+        registry: RegistryLink,
+        facility: Facility,
+        clock: Clock | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._facility = facility
-        self._registered = False
+        self._clock = clock or SystemClock()
+        self._registered_at: float | None = None
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -59,22 +67,36 @@ class IndexPublisher:
 
     async def publish_pending(self) -> int:
         """Send every pending change; returns how many were sent."""
-        if not self._registered:
-            await self._registry.register(self._facility)
-            self._registered = True
-            log.info("registered as %s at %s", self._facility.node_id, self._registry.address)
+        await self._register_when_due()
         total = 0
         while changes := await self._store.pending_index_changes(MAX_PUBLISH_BATCH):
             try:
                 await self._registry.publish(self._facility.node_id, changes)
             except NotFound:
-                self._registered = False  # the registry forgot us: register again
+                self._registered_at = None  # the registry forgot us: register again
                 raise
             await self._store.mark_index_changes_sent(changes[-1].seq)
             total += len(changes)
         if total:
             log.info("published %d index changes", total)
         return total
+
+    async def _register_when_due(self) -> None:
+        """Register at start, then again every REGISTER_INTERVAL_S.
+
+        Re-registering keeps the directory right after a registry restart
+        or after someone else claimed this node id for a while.
+        """
+        now = self._clock.monotonic()
+        if (
+            self._registered_at is not None
+            and now - self._registered_at < const.REGISTER_INTERVAL_S
+        ):
+            return
+        await self._registry.register(self._facility)
+        if self._registered_at is None:
+            log.info("registered as %s at %s", self._facility.node_id, self._registry.address)
+        self._registered_at = now
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):

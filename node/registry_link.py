@@ -67,7 +67,7 @@ class RegistryLink:
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(f"registry: {detail}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Unavailable(f"the registry at {self.address} did not answer in time")
+            return Unavailable(f"this node's registry at {self.address} did not answer in time")
         if code is grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"the registry at {self.address} is not reachable")
+            return Unavailable(f"this node cannot reach its registry at {self.address}")
         return Unavailable(f"registry: {code.name}: {detail}")

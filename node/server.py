@@ -18,6 +18,7 @@ from node.answers import Facility
 from node.config import NodeConfig
 from node.gateway import Gateway
 from node.holder import RecordHolder
+from node.lock import NodeLock
 from node.peer_link import PeerChannels
 from node.publisher import IndexPublisher
 from node.registry_link import RegistryLink
@@ -46,6 +47,7 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._publisher: IndexPublisher | None = None
         self._publishing: asyncio.Task[None] | None = None
+        self._lock: NodeLock | None = None
 
     @property
     def address(self) -> str:
@@ -63,8 +65,17 @@ class NodeServer:
         return self._publisher
 
     async def start(self) -> None:
+        """Build and start every part; on failure, undo what was started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
+        self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
         self._registry = RegistryLink(config.registry)
         self._peers = PeerChannels()
@@ -77,14 +88,14 @@ class NodeServer:
             GatewayServicer(gateway, config.national_system), server
         )
         health = transport.add_health_and_reflection(server, SERVICES)
+        self._server = server
         self._address = transport.bind(server, config.listen)
         await server.start()
-        self._server = server
         await transport.mark_serving(health, SERVICES)
         facility = Facility(
             config.node_id, config.organisation_name, config.organisation_id, self._address
         )
-        self._publisher = IndexPublisher(self._store, self._registry, facility)
+        self._publisher = IndexPublisher(self._store, self._registry, facility, self.clock)
         self._publishing = asyncio.create_task(self._publisher.run(), name="index-publisher")
         log.info("node %s serving on %s", config.node_id, self._address)
 
@@ -101,4 +112,8 @@ class NodeServer:
             await self._registry.close()
         if self._store is not None:
             await self._store.close()
+        if self._lock is not None:
+            self._lock.release()
+        self._publishing = self._server = self._peers = self._registry = None
+        self._store = self._lock = None
         log.info("node %s stopped", self.config.node_id)

@@ -79,12 +79,7 @@ class RegistryServer:
             directory = NodeDirectory(self._store, self._clock)
             index = MasterPatientIndex(self._store, directory, self._clock)
             server, health = build_grpc_server(RegistryServicer(directory, index))
-            try:
-                address = transport.bind(server, self._listen)
-            except (OSError, RuntimeError) as exc:
-                raise ConfigError(
-                    f"cannot listen on {self._listen}: the address is in use or not this machine's"
-                ) from exc
+            address = transport.bind(server, self._listen)
             await server.start()
             await transport.mark_serving(health, [SERVICE_NAME])
         except BaseException:

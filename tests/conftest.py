@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from node.config import NodeConfig
@@ -187,3 +188,31 @@ def assert_registry_holds_no_identity(database: Path, bundles: list[Path]) -> No
     assert not leaked, f"registry database contains patient data: {leaked[:5]}"
     with sqlite3.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM index_entries").fetchone()[0] > 0
+
+
+async def start_silent_peer(method: str) -> tuple[grpc.aio.Server, str]:
+    """A facility whose ``transmural.v1.Peer/<method>`` accepts the call and never answers."""
+    never = asyncio.Event()
+
+    async def hang_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    async def hang_stream(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        await never.wait()
+        yield b""
+
+    handler = (
+        grpc.unary_stream_rpc_method_handler(hang_stream)
+        if method == "FetchDocument"
+        else grpc.unary_unary_rpc_method_handler(hang_unary)
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("transmural.v1.Peer", {method: handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 
-import grpc
 import pytest
 
 from node.answers import Facility
 from node.records import IndexChange
 from node.registry_link import RegistryLink
-from tests.conftest import CLINICIAN, NetworkFactory, collect
+from tests.conftest import CLINICIAN, NetworkFactory, collect, start_silent_peer
 from tools.gateway_client import ClientError, GatewayClient
 from tools.spread import SpreadPlan
 from transmural.identifiers import BSN_SYSTEM, canonical
@@ -190,7 +188,7 @@ async def test_peer_that_never_answers_times_out(
     await net.consent_all(True)
     fhir_id = sorted(plan.patients)[0]
     bsn = bsn_of(plan, fhir_id)
-    hung, address = await _start_hung_peer()
+    hung, address = await start_silent_peer("FindDocuments")
     link = RegistryLink(net.registry.address)
     try:
         await link.register(Facility("hung", "Hung Facility", "", address))
@@ -206,21 +204,3 @@ async def test_peer_that_never_answers_times_out(
     assert 250 <= results["hung"].elapsed_ms < 2000
     answered = [r for n, r in results.items() if n != "hung"]
     assert answered and all(r.status == "ok" for r in answered)
-
-
-async def _start_hung_peer() -> tuple[grpc.aio.Server, str]:
-    """A gRPC server whose Peer.FindDocuments accepts and never answers."""
-    never = asyncio.Event()
-
-    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await never.wait()
-        return b""
-
-    handler = grpc.method_handlers_generic_handler(
-        "transmural.v1.Peer", {"FindDocuments": grpc.unary_unary_rpc_method_handler(hang)}
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"

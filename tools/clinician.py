@@ -8,8 +8,11 @@ IDENTIFIER is a FHIR token ``system|value`` or a bare national identifier
 --node or TRANSMURAL_NODE; the clinician from --clinician-id/--name/--role
 or TRANSMURAL_CLINICIAN_ID / _NAME / _ROLE.
 
-Exit codes: 0 done; 1 the network answered no (no facility, not found,
-refused, checksum mismatch); 2 bad input; 3 your node is not reachable.
+Exit codes: 0 the search ran (each facility's status is shown, refusals
+included) or the document was written; 1 no facility knows the patient, or
+the network said no to a fetch (not found, refused, a facility or the
+registry unreachable, checksum mismatch); 2 bad input; 3 your node is not
+reachable.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from typing import TextIO
 
 from tools.gateway_client import ClientError, Clinician, FacilityResult, GatewayClient, Holders
 from tools.render import documents_table, facility_line, holders_line, search_json
+from transmural.process import OneLineParser
+
+#: Longest per-facility deadline a node accepts (node.const.MAX_PEER_DEADLINE_S).
+MAX_DEADLINE_MS = 30_000
 
 
 async def search(
@@ -58,32 +65,81 @@ async def search(
     return results
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Options every command takes, before or after the command name.
+
+    The copies on the commands default to SUPPRESS, so a value given before
+    the command is not overwritten by the command's own default.
+    """
     env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="transmural", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+
+    def default(value: str | None) -> str | None:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--node",
+        default=default(env("TRANSMURAL_NODE")),
+        help="your node's gateway, host:port (default: $TRANSMURAL_NODE)",
     )
-    parser.add_argument("--node", default=env("TRANSMURAL_NODE"), help="your node's host:port")
-    parser.add_argument("--clinician-id", default=env("TRANSMURAL_CLINICIAN_ID", "clinician"))
-    parser.add_argument("--name", default=env("TRANSMURAL_CLINICIAN_NAME", "Clinician"))
-    parser.add_argument("--role", default=env("TRANSMURAL_CLINICIAN_ROLE", "physician"))
+    parser.add_argument(
+        "--clinician-id",
+        default=default(env("TRANSMURAL_CLINICIAN_ID", "clinician")),
+        help="your clinician id, logged by every facility (default: $TRANSMURAL_CLINICIAN_ID)",
+    )
+    parser.add_argument(
+        "--name",
+        default=default(env("TRANSMURAL_CLINICIAN_NAME", "Clinician")),
+        help="your display name (default: $TRANSMURAL_CLINICIAN_NAME)",
+    )
+    parser.add_argument(
+        "--role",
+        default=default(env("TRANSMURAL_CLINICIAN_ROLE", "physician")),
+        help="your role code, e.g. physician, nurse, pharmacist (default: physician)",
+    )
     parser.add_argument(
         "--purpose",
-        default="treatment",
+        default=default("treatment"),
         choices=["treatment", "emergency"],
         help="purpose of use (default: treatment)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+
+
+def _deadline_ms(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_DEADLINE_MS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_DEADLINE_MS} ms")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="transmural", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _common_options(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("search", help="find a patient's documents across the network")
-    s.add_argument("identifier")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--deadline-ms", type=int, default=0, help="per-facility deadline")
+    _common_options(s, defaults=False)
+    s.add_argument("identifier", help="system|value, or a bare national identifier (e.g. a BSN)")
+    s.add_argument(
+        "--json", action="store_true", help="machine-readable output (schema in the README)"
+    )
+    s.add_argument(
+        "--deadline-ms",
+        type=_deadline_ms,
+        default=0,
+        metavar="MS",
+        help="how long to wait for each facility, in ms (default 0: the node's own, 3000)",
+    )
     f = sub.add_parser("fetch", help="fetch one document from a facility")
-    f.add_argument("identifier")
+    _common_options(f, defaults=False)
+    f.add_argument("identifier", help="the patient, as for search")
     f.add_argument("--facility", required=True, help="node id of the facility holding it")
     f.add_argument("--document", required=True, help="document id (from search)")
-    f.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    f.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    f.add_argument("-o", "--output", type=Path, help="file to write; '-' or none: standard output")
+    f.add_argument("--json", action="store_true", help="with -o: print the metadata as JSON")
     return parser
 
 
@@ -102,37 +158,52 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
-    if args.output is None:
-        meta = await client.fetch(
+    """Fetch into ``-o FILE`` (via FILE.part, renamed once verified) or stdout."""
+    if args.output is None or str(args.output) == "-":
+        if args.json:
+            raise ClientError("--json prints the metadata of a file written with -o FILE", 2)
+        await client.fetch(
             args.identifier, args.facility, args.document, sys.stdout.buffer, args.purpose
         )
         sys.stdout.flush()
-    else:
-        partial = args.output.with_name(args.output.name + ".part")
-        try:
-            with partial.open("wb") as handle:
-                meta = await client.fetch(
-                    args.identifier, args.facility, args.document, handle, args.purpose
-                )
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.replace(args.output)
-        if args.json:
-            summary = {
-                "file": str(args.output),
-                "size": meta.size,
-                "sha256": meta.sha256,
-                "title": meta.title,
-                "content_type": meta.content_type,
-            }
-            print(json.dumps(summary))
-        else:
-            print(
-                f"wrote {meta.size} bytes to {args.output} ({meta.content_type}), SHA-256 verified",
-                file=sys.stderr,
+        return 0
+    target: Path = args.output
+    partial = target.with_name(target.name + ".part")
+    try:
+        with partial.open("wb") as handle:
+            meta = await client.fetch(
+                args.identifier, args.facility, args.document, handle, args.purpose
             )
+        partial.replace(target)
+    except OSError as error:
+        raise ClientError(f"cannot write to {target}: {error.strerror or error}", 2) from None
+    finally:
+        partial.unlink(missing_ok=True)
+    if args.json:
+        summary = {
+            "file": str(target),
+            "size": meta.size,
+            "sha256": meta.sha256,
+            "title": meta.title,
+            "content_type": meta.content_type,
+        }
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {meta.size} bytes to {target} ({meta.content_type}), SHA-256 verified",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _check_output(target: Path | None) -> None:
+    """Refuse an unusable -o before asking the network for anything."""
+    if target is None or str(target) == "-":
+        return
+    if target.is_dir():
+        raise ClientError(f"cannot write to {target}: it is a folder", 2)
+    if not target.parent.is_dir():
+        raise ClientError(f"cannot write to {target}: folder {target.parent} does not exist", 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        if args.command == "fetch":
+            _check_output(args.output)
         return asyncio.run(_run(args))
     except ClientError as error:
         print(f"transmural: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        # The reader (e.g. head) left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         print(f"transmural: {error}", file=sys.stderr)
         return 1

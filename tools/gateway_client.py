@@ -14,6 +14,7 @@ from typing import BinaryIO
 import grpc
 
 from transmural import transport
+from transmural.status import from_server
 from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 STATUS_NAMES = {
@@ -24,6 +25,11 @@ STATUS_NAMES = {
     common_pb2.FACILITY_STATUS_UNREACHABLE: "unreachable",
     common_pb2.FACILITY_STATUS_ERROR: "error",
 }
+
+
+#: Longest a search may take end to end: the node bounds each facility's
+#: answer (at most 30 s), so this only fires when the node itself hangs.
+SEARCH_TIMEOUT_S = 45.0
 
 
 class ClientError(Exception):
@@ -76,7 +82,17 @@ class Holders:
 
 def split_token(text: str) -> common_pb2.PatientIdentifier:
     """``system|value`` or a bare value (the node's national system)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError("the identifier is not valid UTF-8 text", 2) from None
+    if "|" not in text:
+        return common_pb2.PatientIdentifier(value=text)
     system, _, value = text.rpartition("|")
+    if not system.strip():
+        raise ClientError(
+            "the identifier has an empty system: write system|value, or the bare value", 2
+        )
     return common_pb2.PatientIdentifier(system=system, value=value)
 
 
@@ -111,7 +127,7 @@ class GatewayClient:
             deadline_ms=deadline_ms,
         )
         try:
-            async for event in self._stub.Search(request):
+            async for event in self._stub.Search(request, timeout=SEARCH_TIMEOUT_S):
                 if event.HasField("located"):
                     holders = event.located.holders
                     yield Holders(
@@ -160,13 +176,22 @@ class GatewayClient:
 
     def _client_error(self, error: grpc.aio.AioRpcError) -> ClientError:
         code, detail = error.code(), error.details() or ""
-        if code is grpc.StatusCode.UNAVAILABLE:
-            return ClientError(f"cannot reach your node at {self.address}: is it running?", 3)
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            return ClientError(f"{self.address} is not a Transmural node (no Gateway service)", 3)
+        if not from_server(error):
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return ClientError(f"your node at {self.address} did not answer in time", 3)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return ClientError(f"cannot reach your node at {self.address}: is it running?", 3)
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+        if code in (
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAVAILABLE,
+        ):
             return ClientError(detail, 1)
-        return ClientError(f"{code.name.lower()}: {detail}", 1)
+        return ClientError(f"{code.name.lower()}: {detail or 'no detail'}", 1)
 
 
 def _document(m: common_pb2.DocumentMetadata) -> Document:

@@ -55,13 +55,21 @@ def write_network_key(path: Path, key: bytes) -> None:
 def read_network_key(path: Path) -> bytes:
     """Read a key written by ``write_network_key``; ConfigError if unusable."""
     try:
-        text = path.read_text().strip()
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii").strip()
     except OSError as error:
         raise ConfigError(f"cannot read the network key {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the network key {path} is not hex text") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"the network key {path} is readable by others (mode {mode & 0o777:o}): "
+            f"chmod 600 {path}"
+        )
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise ConfigError(f"the network key {path} is not hex") from None
+        raise ConfigError(f"the network key {path} is not hex text") from None
     if len(key) < MIN_KEY_LENGTH:
         raise ConfigError(f"the network key {path} is shorter than {MIN_KEY_LENGTH} bytes")
     return key

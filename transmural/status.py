@@ -27,11 +27,25 @@ def grpc_code(error: TransmuralError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.INTERNAL)
 
 
+#: Trailing metadata key on every error a Transmural server sends. A client
+#: seeing it knows the server itself answered (so UNAVAILABLE means something
+#: behind it is down); without it, the client could not reach the server.
+ERROR_ORIGIN_KEY = "transmural-error"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, TransmuralError):
+        context.set_trailing_metadata(((ERROR_ORIGIN_KEY, type(exc).__name__),))
         await context.abort(grpc_code(exc), str(exc))
     log.error("unexpected error in %s", method, exc_info=exc)
+    context.set_trailing_metadata(((ERROR_ORIGIN_KEY, "internal"),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def from_server(error: grpc.aio.AioRpcError) -> bool:
+    """True when a Transmural server produced this error (see ERROR_ORIGIN_KEY)."""
+    metadata = error.trailing_metadata() or ()
+    return any(key == ERROR_ORIGIN_KEY for key, _ in metadata)
 
 
 def maps_errors(method: F) -> F:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from transmural.const import MAX_MESSAGE_BYTES
+from transmural.errors import ConfigError
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -36,11 +37,19 @@ def new_server() -> grpc.aio.Server:
 
 
 def bind(server: grpc.aio.Server, address: str) -> str:
-    """Bind ``address`` (port 0 picks a free one); returns the real ``host:port``."""
+    """Bind ``address`` (port 0 picks a free one); returns the real ``host:port``.
+
+    ConfigError when the address is taken or not this machine's.
+    """
     host, _, _ = address.rpartition(":")
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except (OSError, RuntimeError):
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise ConfigError(
+            f"cannot listen on {address}: the address is in use or not this machine's"
+        )
     return f"{host}:{port}"
 
 

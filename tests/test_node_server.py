@@ -1,0 +1,78 @@
+"""The node's lifecycle: one process per database, clean failure at start."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from node.answers import Facility
+from node.records import IndexChange
+from node.registry_link import RegistryLink
+from node.server import NodeServer
+from tests.conftest import NetworkFactory, start_silent_peer
+from tests.test_search import bsn_of
+from tools.gateway_client import ClientError
+from transmural.errors import ConfigError
+from transmural.identifiers import BSN_SYSTEM, canonical
+
+
+async def test_second_node_on_same_database_refused(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    twin = NodeServer(net.nodes[0].config)
+    with pytest.raises(ConfigError, match="already running"):
+        await twin.start()
+    assert str(os.getpid()) in str(twin.config.database.with_name("node.db.lock").read_text())
+
+
+async def test_port_in_use_is_a_clear_error_and_releases_everything(
+    network: NetworkFactory, tmp_path: Path
+) -> None:
+    net = await network(n=1)
+    busy = net.nodes[0].address
+    config = dataclasses.replace(
+        net.nodes[0].config, node_id="other", database=tmp_path / "other.db", listen=busy
+    )
+    node = NodeServer(config)
+    with pytest.raises(ConfigError, match="cannot listen on"):
+        await node.start()
+    # Everything was released: the same config starts once the port is free.
+    free = NodeServer(dataclasses.replace(config, listen="127.0.0.1:0"))
+    await free.start()
+    await free.stop(0)
+
+
+async def test_bad_network_key_file_mode_refused(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    key_file = net.nodes[0].config.network_key_file
+    key_file.chmod(0o644)
+    node = NodeServer(dataclasses.replace(net.nodes[0].config, node_id="again"))
+    with pytest.raises(ConfigError, match="readable by others"):
+        await node.start()
+
+
+async def test_fetch_from_a_frozen_facility_fails_within_the_deadline(
+    network: NetworkFactory, synthetic_bundles: Path
+) -> None:
+    net = await network(n=1, peer_deadline_s=0.3)
+    plan = await net.load(synthetic_bundles)
+    bsn = bsn_of(plan, sorted(plan.patients)[0])
+    hung, address = await start_silent_peer("FetchDocument")
+    link = RegistryLink(net.registry.address)
+    try:
+        await link.register(Facility("frozen", "Frozen Facility", "", address))
+        pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
+        await link.publish("frozen", [IndexChange(0, pseudonym, False)])
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ClientError, match="frozen did not answer") as caught:
+            await net.client(0).fetch(bsn, "frozen", "DocumentReference/x", io.BytesIO())
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await link.close()
+        await hung.stop(0)
+    assert caught.value.exit_code == 1
+    assert elapsed < 3.0
