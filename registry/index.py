@@ -150,6 +150,16 @@ class NodeDirectory:
             ),
             endpoint=check_endpoint(node.endpoint.strip()),
         )
+        previous = await self._storage.get_node(clean.node_id)
+        if previous is not None and previous.endpoint != clean.endpoint:
+            # Two processes with one node id take the entry from each other unnoticed.
+            log.warning(
+                "node %s re-registered at a new endpoint: %s replaces %s; "
+                "if both still run, two processes share this node id",
+                clean.node_id,
+                clean.endpoint,
+                previous.endpoint,
+            )
         stored = await self._storage.upsert_node(clean, self._clock.now())
         verb = "registered" if stored.registered_at == stored.updated_at else "updated"
         log.info(

@@ -4,21 +4,59 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import assert_registry_holds_no_identity
+from tests.conftest import assert_registry_holds_no_identity, shared_data
 
 ADMIN = [sys.executable, "-m", "tools.admin"]
 CLIENT = [sys.executable, "-m", "tools.clinician"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def start_devnet(workdir: Path, nodes: int = 3) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*ADMIN, "devnet", "--nodes", str(nodes), "--workdir", str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_network(devnet: subprocess.Popen[str], workdir: Path) -> dict[str, Any]:
+    """network.json once devnet is up (it is written when everything serves)."""
+    network_file = workdir / "network.json"
+    deadline = time.monotonic() + 180
+    while not network_file.exists():
+        if devnet.poll() is not None:
+            out, err = devnet.communicate()
+            raise AssertionError(f"devnet exited {devnet.returncode}:\n{out}\n{err}")
+        assert time.monotonic() < deadline, "devnet did not come up"
+        time.sleep(0.2)
+    network: dict[str, Any] = json.loads(network_file.read_text())
+    return network
+
+
+def readable_by_others(root: Path) -> list[str]:
+    """Every path under ``root`` (itself included) with any group or other bit."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        if path.lstat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            found.append(f"{oct(path.lstat().st_mode & 0o777)} {path}")
+    return found
+
+
 def test_demo_runs_and_exits_zero(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
+    workdir.mkdir()
+    workdir.chmod(0o755)  # as a user's own folder often is
     run = subprocess.run(
         [*ADMIN, "devnet", "--nodes", "3", "--demo", "--workdir", str(workdir)],
         cwd=REPO,
@@ -34,25 +72,34 @@ def test_demo_runs_and_exits_zero(tmp_path: Path) -> None:
     assert len(network["nodes"]) == 3
     for node in network["nodes"]:
         assert Path(node["database"]).is_file() and Path(node["log"]).is_file()
+    assert readable_by_others(workdir) == []
+
+
+def test_one_node_demo_on_us_ssn_data(tmp_path: Path) -> None:
+    """One node cannot span facilities; documents suffice. SSN data gets its own bad id."""
+    source = shared_data("synthea-smart-r4") / "bundles"
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("Buster_Hoeger_ad2e3fc5-2b5d-4cb9-8d03-9ea0f4ac8423.json",):
+        shutil.copyfile(source / name, data / name)
+    run = subprocess.run(
+        [*ADMIN, "devnet", "--nodes", "1", "--demo", "--data", str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "SHA-256 verified" in run.stdout
+    assert "$ transmural search 999-12-345" in run.stdout
+    assert "a US SSN has 9 digits" in run.stdout
 
 
 def test_devnet_serves_clinician_search_json(tmp_path: Path) -> None:
     workdir = tmp_path / "net"
-    devnet = subprocess.Popen(
-        [*ADMIN, "devnet", "--nodes", "3", "--workdir", str(workdir)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    devnet = start_devnet(workdir)
     try:
-        network_file = workdir / "network.json"
-        deadline = time.monotonic() + 180
-        while not network_file.exists():
-            assert devnet.poll() is None, devnet.stdout.read() if devnet.stdout else ""
-            assert time.monotonic() < deadline, "devnet did not come up"
-            time.sleep(0.2)
-        network = json.loads(network_file.read_text())
+        network = wait_for_network(devnet, workdir)
         node = network["nodes"][0]
         source_bundles = sorted((workdir / "source").glob("*.json"))
         patient = json.loads(source_bundles[0].read_text())["entry"][0]["resource"]
@@ -74,8 +121,32 @@ def test_devnet_serves_clinician_search_json(tmp_path: Path) -> None:
         allowed = {"ok", "no-record", "consent-denied", "timeout", "unreachable", "error"}
         assert set(statuses.values()) <= allowed
 
-        assert_registry_holds_no_identity(Path(network["registry"]["database"]), source_bundles)
+        registry = network["registry"]
+        assert_registry_holds_no_identity(Path(registry["database"]), source_bundles)
     finally:
         devnet.send_signal(signal.SIGINT)
-        devnet.wait(30)
-    assert devnet.returncode == 0
+        out, err = devnet.communicate(timeout=30)
+    assert devnet.returncode == 0, err
+    script = Path(sys.executable).parent / "transmural"
+    assert f"Try:  {script} --node {node['address']} search" in out
+    assert str(workdir / "network.json") in out
+
+
+def test_devnet_exits_when_a_server_dies(tmp_path: Path) -> None:
+    workdir = tmp_path / "net"
+    devnet = start_devnet(workdir, nodes=1)
+    try:
+        wait_for_network(devnet, workdir)
+        # A SIGKILLed server leaves its ready file behind, with its pid.
+        ready = json.loads((workdir / "registry" / "ready.json").read_text())
+        os.kill(ready["pid"], signal.SIGKILL)
+        out, err = devnet.communicate(timeout=10)
+    finally:
+        if devnet.poll() is None:
+            devnet.send_signal(signal.SIGINT)
+            devnet.communicate(timeout=30)
+    assert devnet.returncode == 1, out + err
+    assert "registry exited with code -9 (SIGKILL); its log: " in err
+    assert str(workdir / "registry" / "server.log") in err
+    # The node was stopped gracefully: a clean stop removes its ready file.
+    assert not (workdir / "node-1" / "ready.json").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -17,8 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from registry.index import NodeDirectory, NodeRecord
 from registry.server import RegistryServer
 from registry.service import SERVICE_NAME
+from registry.store import RegistryStore
 from transmural import const, transport
 from transmural.errors import ConfigError
 from transmural.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -390,3 +393,20 @@ async def test_cli_errors_are_one_line_and_exit_2(
     assert len(lines) == 1, lines
     assert lines[0].startswith("transmural-registry")
     assert message in lines[0]
+
+
+async def test_reregistering_at_another_endpoint_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await RegistryStore.open(tmp_path / "registry.db")
+    try:
+        directory = NodeDirectory(store)
+        await directory.register(NodeRecord("node-1", "Facility", "ura-1", "127.0.0.1:7001"))
+        with caplog.at_level(logging.WARNING, logger="registry.index"):
+            await directory.register(NodeRecord("node-1", "Facility", "ura-1", "127.0.0.1:7001"))
+            assert not caplog.records
+            await directory.register(NodeRecord("node-1", "Facility", "ura-1", "127.0.0.1:7002"))
+        (warning,) = caplog.records
+        assert "127.0.0.1:7002 replaces 127.0.0.1:7001" in warning.getMessage()
+    finally:
+        await store.close()

@@ -2,17 +2,22 @@
 
   transmural-admin ingest --config NODE.toml PATH...   load FHIR bundles into a node
   transmural-admin consent --config NODE.toml IDENTIFIER --allow|--deny
-  transmural-admin devnet --nodes N [--data DIR] [--workdir DIR] [--demo]
+  transmural-admin devnet [--nodes N] [--data DIR] [--workdir DIR] [--demo]
 
-Exit codes: 0 done; 1 some input was refused (each file is named); 2 bad
-usage or configuration.
+Exit codes:
+  0    done; devnet: stopped with Ctrl-C or SIGTERM, or the demo passed
+  1    ingest: some file was refused (each is named); consent: no such
+       patient at this node; devnet: a server exited while running, or
+       the demo missed its goal
+  2    bad usage, configuration or input; devnet: a server did not start
+  130  interrupted (Ctrl-C) before devnet was up
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+import os
 import sys
 from pathlib import Path
 
@@ -22,10 +27,13 @@ from node.records import IngestReport
 from node.store import NodeStore
 from tools import demo as demo_scenario
 from tools import devnet
-from tools.supervise import ProcessError
+from tools.supervise import ProcessError, watch
 from transmural.errors import InvalidBundle, TransmuralError
 from transmural.identifiers import parse_token
+from transmural.process import OneLineParser
 from transmural.pseudonym import Pseudonymiser, read_network_key
+
+MAX_NODES = 50
 
 
 def say(message: str) -> None:
@@ -40,25 +48,57 @@ async def ingest(config_path: Path, paths: list[Path]) -> int:
     failures = 0
     try:
         for path in paths:
-            reports, refused = await _ingest_path(store, path, pseudonymiser, config)
+            is_dir = await asyncio.to_thread(path.is_dir)
+            reports, refused = await _ingest_path(store, path, is_dir, pseudonymiser, config)
             for problem in refused:
-                print(f"refused: {problem}", file=sys.stderr)
+                print(f"refused: {_named(problem, path, is_dir)}", file=sys.stderr)
             failures += len(refused)
+            skipped = await asyncio.to_thread(_skipped, path) if is_dir else ""
             say(
                 f"{len(reports)} bundles from {path}: {sum(r.patients for r in reports)} "
                 f"patients, {sum(r.resources for r in reports)} resources, "
                 f"{sum(r.documents for r in reports)} documents"
                 + (f"; {len(refused)} refused" if refused else "")
+                + skipped
             )
     finally:
         await store.close()
     return 1 if failures else 0
 
 
+def _named(problem: InvalidBundle, path: Path, is_dir: bool) -> str:
+    """The error with the path as the user gave it: errors name only the file."""
+    text = str(problem)
+    if text.startswith(str(path)):
+        return text
+    if is_dir:
+        return os.path.join(path, text)
+    if text.startswith(f"{path.name}:"):
+        return str(path) + text.removeprefix(path.name)
+    return f"{path}: {text}"
+
+
+def _skipped(folder: Path) -> str:
+    """``; skipped ...`` for what ingest passes over (as ``node.ingest`` chooses), or ""."""
+    folders = files = 0
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            folders += 1
+        elif entry.suffix.lower() != ".json" or entry.name.startswith("."):
+            files += 1
+    parts = [f"{files} {_plural(files, 'file')} not *.json or hidden"] if files else []
+    parts += [f"{folders} {_plural(folders, 'sub-folder')}"] if folders else []
+    return f"; skipped {' and '.join(parts)}" if parts else ""
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
+
+
 async def _ingest_path(
-    store: NodeStore, path: Path, pseudonymiser: Pseudonymiser, config: NodeConfig
+    store: NodeStore, path: Path, is_dir: bool, pseudonymiser: Pseudonymiser, config: NodeConfig
 ) -> tuple[list[IngestReport], list[InvalidBundle]]:
-    if await asyncio.to_thread(path.is_dir):
+    if is_dir:
         return await ingest_folder(store, path, pseudonymiser, config.national_system)
     try:
         return [await ingest_file(store, path, pseudonymiser, config.national_system)], []
@@ -82,66 +122,121 @@ async def consent(config_path: Path, identifier: str, allow: bool) -> int:
 
 
 def run_devnet(args: argparse.Namespace) -> int:
-    workdir = args.workdir or devnet.default_workdir()
-    say(f"working folder: {workdir}")
-    net = devnet.prepare(workdir, args.nodes, args.data, say)
-    with devnet.running(net):
-        devnet.start_registry(net)
-        say(f"registry serving on {net.registry.address if net.registry else '?'}")
-        devnet.write_configs(net)
-        devnet.ingest_all(net, say)
-        picks = demo_scenario.pick_patients(net.plan, net.national_system)
-        keep = {p for p in (picks.shared, picks.single) if p}
-        deny = {picks.denied} if picks.denied else set()
-        asyncio.run(devnet.set_consent(net, keep, deny))
-        devnet.start_nodes(net)
-        asyncio.run(devnet.wait_published(net))
-        network_json = devnet.write_network_json(net)
-        for config, server in zip(net.configs, net.nodes, strict=True):
-            say(f"{config.node_id} ({config.organisation_name}) serving on {server.address}")
+    """Run the network until a signal (0), a server dies (1) or the demo ends.
+
+    Everything devnet creates is owner-only: the folders hold patient data.
+    The umask is inherited by the servers and ingest processes it starts.
+    """
+    previous_umask = os.umask(0o077)
+    try:
+        workdir = args.workdir or devnet.default_workdir()
+        say(f"working folder: {workdir}")
+        net = devnet.prepare(workdir, args.nodes, args.data, say)
+        with devnet.running(net):
+            return _bring_up_and_run(net, args.demo)
+    finally:
+        os.umask(previous_umask)
+
+
+def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
+    devnet.start_registry(net)
+    say(f"registry serving on {net.registry.address if net.registry else '?'}")
+    devnet.write_configs(net)
+    devnet.ingest_all(net, say)
+    picks = demo_scenario.pick_patients(net.plan, net.national_system)
+    keep = {p for p in (picks.shared, picks.single) if p}
+    deny = {picks.denied} if picks.denied else set()
+    asyncio.run(devnet.set_consent(net, keep, deny))
+    devnet.start_nodes(net)
+    asyncio.run(devnet.wait_published(net))
+    network_json = devnet.write_network_json(net)
+    for config, server in zip(net.configs, net.nodes, strict=True):
+        say(f"{config.node_id} ({config.organisation_name}) serving on {server.address}")
+    if demo:
         say(f"network description: {network_json}")
-        if args.demo:
-            ok = asyncio.run(demo_scenario.run(net, picks, sys.stdout))
-            say(f"\nDatabases and logs stay in {workdir}")
-            if not ok:
-                print("demo: no search reached two facilities", file=sys.stderr)
-            return 0 if ok else 1
-        say(
-            f"\nTry:  transmural --node {net.node_address(0)} search "
-            f"'{net.national_system}|<identifier>'\nStop with Ctrl-C."
+        missed = asyncio.run(demo_scenario.run(net, picks, sys.stdout))
+        say(f"\nDatabases and logs stay in {net.workdir}")
+        if missed:
+            print(f"demo: {missed}", file=sys.stderr)
+        return 1 if missed else 0
+    say(
+        f"\nTry:  {_clinician_command()} --node {net.node_address(0)} search "
+        f"'{net.national_system}|<identifier>'\n"
+        f"Addresses, databases and logs of every server: {network_json}\nStop with Ctrl-C."
+    )
+    dead = watch([s for s in (net.registry, *net.nodes) if s is not None])
+    if dead is None:
+        return 0
+    print(f"{dead.exit_description()}\n{dead.log_tail()}", file=sys.stderr)
+    return 1
+
+
+def _clinician_command() -> str:
+    """The ``transmural`` script of this interpreter's environment: it may not be on PATH."""
+    script = Path(sys.executable).parent / "transmural"
+    return str(script) if script.is_file() else f"{sys.executable} -m tools.clinician"
+
+
+def _node_count(text: str) -> int:
+    """argparse type for --nodes: a whole number from 1 to MAX_NODES."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_NODES:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_NODES}, not {text!r}"
         )
-        _wait_for_signal()
-    return 0
-
-
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _f: received.append(s))
-    while not received:
-        signal.pause()
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="transmural-admin",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     i = sub.add_parser("ingest", help="load FHIR R4 bundles (files or folders) into a node")
     i.add_argument("--config", type=Path, required=True, help="the node's TOML config")
-    i.add_argument("paths", type=Path, nargs="+")
+    i.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="a bundle file, or a folder whose *.json files are loaded (sub-folders are not)",
+    )
     c = sub.add_parser("consent", help="record a patient's consent to exchange (yes/no)")
     c.add_argument("--config", type=Path, required=True, help="the node's TOML config")
     c.add_argument("identifier", help="system|value or a bare national identifier")
     choice = c.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--allow", action="store_true")
-    choice.add_argument("--deny", action="store_true")
-    d = sub.add_parser("devnet", help="run a registry and N nodes on loopback")
-    d.add_argument("--nodes", type=int, default=3)
-    d.add_argument("--data", type=Path, help="folder of FHIR bundles (default: synthetic)")
-    d.add_argument("--workdir", type=Path, help="working folder (default: a new temp folder)")
+    choice.add_argument("--allow", action="store_true", help="the patient consents to exchange")
+    choice.add_argument("--deny", action="store_true", help="the patient refuses or withdraws")
+    d = sub.add_parser(
+        "devnet",
+        help="run a registry and N nodes on loopback",
+        description="Run a registry and N nodes on loopback until Ctrl-C or SIGTERM (exit 0); "
+        "exit 1 if a server stops on its own. With --demo, run the scenario and exit.",
+    )
+    d.add_argument(
+        "--nodes",
+        type=_node_count,
+        default=3,
+        metavar="N",
+        help=f"number of facility nodes, 1 to {MAX_NODES} (default 3)",
+    )
+    d.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="folder of FHIR R4 bundles to spread over the nodes (default: synthetic Dutch data)",
+    )
+    d.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="working folder, made owner-only (default: a new temp folder)",
+    )
     d.add_argument("--demo", action="store_true", help="run the scripted scenario and exit")
     return parser
 
@@ -153,9 +248,6 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(ingest(args.config, args.paths))
         if args.command == "consent":
             return asyncio.run(consent(args.config, args.identifier, args.allow))
-        if not 1 <= args.nodes <= 50:
-            print("transmural-admin: --nodes must be 1 to 50", file=sys.stderr)
-            return 2
         return run_devnet(args)
     except (TransmuralError, ProcessError) as error:
         print(f"transmural-admin: {error}", file=sys.stderr)

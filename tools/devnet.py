@@ -7,6 +7,9 @@
       registry/              registry.db, server.log
       node-1/ ...            node.toml, node.db, bundles/, server.log, ingest.log
 
+The folder is made owner-only (0700) and the caller runs with umask 077
+(``tools.admin`` does), so nothing in it is readable by others.
+
 Patients' data is spread over the nodes by each encounter's service
 provider (``tools.spread``), each node ingests its share with
 ``transmural-admin ingest``, consent is set for most but not all
@@ -67,6 +70,7 @@ def default_workdir() -> Path:
 def prepare(workdir: Path, nodes: int, data: Path | None, say: Callable[[str], None]) -> DevNet:
     """Key, data spread over nodes, node configs, ingest and consent."""
     workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)  # a folder the user made may be 0755; patient data goes in
     key_file = workdir / "network.key"
     write_network_key(key_file, new_network_key())
     if data is None:

@@ -2,20 +2,25 @@
 
 Each server is started on port 0 with a ready file; it writes its real
 address there once serving. A server that dies before that is reported
-with the end of its log.
+with the end of its log; one that dies later is noticed by ``watch``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+#: How often ``watch`` looks whether a server is still running.
+WATCH_INTERVAL_S = 1.0
 
 
 class ProcessError(Exception):
@@ -52,6 +57,15 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
 
+    def exit_description(self) -> str:
+        """``<name> exited with code N; its log: <path>``, naming a killing signal too."""
+        code = self.process.returncode
+        how = f"code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):  # a signal number Python has no name for
+                how += f" ({signal.Signals(-code).name})"
+        return f"{self.name} exited with {how}; its log: {self.log_file}"
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -81,3 +95,23 @@ def start_server(name: str, module: str, args: list[str], folder: Path) -> Serve
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
     return ServerProcess(name, process, ready, log)
+
+
+def watch(
+    servers: Sequence[ServerProcess], interval_s: float = WATCH_INTERVAL_S
+) -> ServerProcess | None:
+    """Block until SIGINT/SIGTERM (None) or until a server exits (that server).
+
+    Polling is what notices a dead child: a supervisor that only waited for
+    a signal would keep advertising a network that no longer answers. The
+    handlers stay installed, so a second Ctrl-C cannot cut the stop short.
+    """
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: received.append(s))
+    while not received:
+        for server in servers:
+            if server.process.poll() is not None:
+                return server
+        time.sleep(interval_s)
+    return None

@@ -1,0 +1,96 @@
+"""``transmural-admin`` as an operator meets it: help, usage errors, ingest reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from node.config import NodeConfig
+from tools import admin
+from tools.synthetic import generate
+from transmural.pseudonym import new_network_key, write_network_key
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_flag_and_argument_has_help() -> None:
+    for name, command in subcommands(admin._parser()).items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.dest} has no help text"
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "Exit codes:" in out
+    for code in ("0", "1", "2", "130"):
+        assert f"\n  {code} " in out
+
+
+@pytest.mark.parametrize("nodes", ["0", "51", "-3", "three", "2.5"])
+def test_devnet_nodes_out_of_range_is_one_line(
+    nodes: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(["devnet", "--nodes", nodes])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--nodes" in err and "1 to 50" in err and repr(nodes) in err
+
+
+def node_config(tmp_path: Path) -> Path:
+    key = tmp_path / "network.key"
+    write_network_key(key, new_network_key())
+    config = NodeConfig(
+        node_id="node-1",
+        organisation_name="Test",
+        registry="127.0.0.1:1",
+        database=tmp_path / "node.db",
+        network_key_file=key,
+    )
+    path = tmp_path / "node.toml"
+    path.write_text(config.to_toml(tmp_path))
+    return path
+
+
+def test_ingest_folder_reports_skipped_and_refused_with_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    folder = tmp_path / "bundles"
+    generate(folder, patients=2)
+    (folder / "README.txt").write_text("not a bundle")
+    (folder / "notes.md").write_text("not a bundle")
+    (folder / "older").mkdir()
+    (folder / "zz-broken.json").write_text('{"resourceType": "Patient"}')
+
+    assert admin.main(["ingest", "--config", str(config), str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert f"refused: {folder / 'zz-broken.json'}: resourceType" in captured.err
+    summary = captured.out.strip().splitlines()[-1]
+    assert "1 refused" in summary
+    assert summary.endswith("; skipped 2 files not *.json or hidden and 1 sub-folder"), summary
+
+
+def test_ingest_file_refused_names_the_path_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = node_config(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.json").write_text(json.dumps({"resourceType": "Patient"}))
+    monkeypatch.chdir(tmp_path)
+
+    given = os.path.join("in", "broken.json")
+    assert admin.main(["ingest", "--config", str(config), given]) == 1
+    err = capsys.readouterr().err
+    assert f"refused: {given}: resourceType" in err
