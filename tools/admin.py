@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def run_devnet(args: argparse.Namespace) -> int:
     The umask is inherited by the servers and ingest processes it starts.
     """
     previous_umask = os.umask(0o077)
+    # Until ``watch`` takes over, SIGTERM unwinds like Ctrl-C, so the
+    # servers started so far are stopped rather than orphaned.
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         workdir = args.workdir or devnet.default_workdir()
         say(f"working folder: {workdir}")
@@ -136,6 +140,11 @@ def run_devnet(args: argparse.Namespace) -> int:
             return _bring_up_and_run(net, args.demo)
     finally:
         os.umask(previous_umask)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
