@@ -1,7 +1,10 @@
 """``transmural-node``: run a facility node from its config file.
 
-    transmural-node serve --config node.toml [--ready-file PATH]
+    transmural-node serve --config node.toml [--insecure-dev] [--ready-file PATH]
                           [--log-file PATH] [--log-level LEVEL]
+
+The ready file carries ``address`` (the peer port, mutual TLS) and
+``gateway_address`` (the clinicians' port, TLS + bearer token).
 
 SIGINT or SIGTERM stops the node gracefully (exit 0). A bad flag, an
 unreadable or invalid config, a missing network key or an address that
@@ -34,9 +37,9 @@ PROG = "transmural-node"
 async def serve(config: NodeConfig, ready_file: Path | None) -> None:
     node = NodeServer(config)
 
-    async def start() -> str:
+    async def start() -> dict[str, str]:
         await node.start()
-        return node.address
+        return {"address": node.address, "gateway_address": node.gateway_address}
 
     await serve_until_signalled(start, node.stop, ready_file)
 
@@ -48,11 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_command.add_argument(
         "--config", type=Path, required=True, metavar="PATH", help="node TOML config file"
     )
+    serve_command.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="plain gRPC without certificates (development only; never between organisations)",
+    )
     add_serve_arguments(serve_command)
     args = parser.parse_args(argv)
     try:
         configure_logging(args.log_level, args.log_file)
-        config = NodeConfig.load(args.config)
+        config = NodeConfig.load(args.config, insecure_dev=args.insecure_dev)
         asyncio.run(serve(config, args.ready_file))
     except TransmuralError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -35,8 +35,13 @@ class NodeConfig:
     network_key_file: Path
     organisation_id: str = ""
     listen: str = "127.0.0.1:0"
+    gateway_listen: str = "127.0.0.1:0"
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificate: Path | None = None
     national_system: str = BSN_SYSTEM
     peer_deadline_s: float = const.PEER_DEADLINE_S
+    insecure_dev: bool = False
 
     def __post_init__(self) -> None:
         if not NODE_ID.match(self.node_id):
@@ -45,21 +50,33 @@ class NodeConfig:
             )
         if not self.organisation_name.strip():
             raise ConfigError("organisation_name is empty")
-        for name in ("listen", "registry"):
+        for name in ("listen", "gateway_listen", "registry"):
             if not _is_address(getattr(self, name)):
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not host:port")
+        tls_files = (self.certificate, self.private_key, self.ca_certificate)
+        if not self.insecure_dev and None in tls_files:
+            raise ConfigError(
+                "certificate, private_key and ca_certificate are required "
+                "(run `transmural-admin join`), unless insecure_dev = true"
+            )
         if not 0 < self.peer_deadline_s <= const.MAX_PEER_DEADLINE_S:
             raise ConfigError(f"peer_deadline_s must be in (0, {const.MAX_PEER_DEADLINE_S}]")
 
     @classmethod
-    def load(cls, path: Path) -> NodeConfig:
-        """Read and check a config file; ConfigError names what is wrong."""
+    def load(cls, path: Path, insecure_dev: bool = False) -> NodeConfig:
+        """Read and check a config file; ConfigError names what is wrong.
+
+        ``insecure_dev`` (the --insecure-dev flag) turns TLS off whatever
+        the file says.
+        """
         try:
             raw = tomllib.loads(path.read_text())
         except OSError as error:
             raise ConfigError(f"cannot read node config {path}: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"node config {path} is not valid TOML: {error}") from None
+        if insecure_dev:
+            raw["insecure_dev"] = True
         return cls.from_dict(raw, base=path.parent)
 
     @classmethod
@@ -77,6 +94,9 @@ class NodeConfig:
         values["peer_deadline_s"] = float(raw.get("peer_deadline_s", const.PEER_DEADLINE_S))
         values["database"] = base / str(raw.get("database", "node.db"))
         values["network_key_file"] = base / str(raw.get("network_key_file", "network.key"))
+        for name in ("certificate", "private_key", "ca_certificate"):
+            if name in raw:
+                values[name] = base / str(raw[name])
         if "national_system" in raw:
             values["national_system"] = canonical_system(str(raw["national_system"]))
         return cls(**values)
@@ -86,6 +106,8 @@ class NodeConfig:
         lines = []
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, Path):
                 value = str(value.relative_to(base) if value.is_relative_to(base) else value)
             lines.append(f"{name} = {_toml_value(value)}")
@@ -93,8 +115,11 @@ class NodeConfig:
 
 
 def _check_type(key: str, value: object) -> None:
-    """Config values are strings, but for the deadline, which is a number."""
-    if key == "peer_deadline_s":
+    """Config values are strings, but for the deadline (a number) and insecure_dev."""
+    if key == "insecure_dev":
+        if not isinstance(value, bool):
+            raise ConfigError(f"node config: {key} must be true or false, not {value!r}")
+    elif key == "peer_deadline_s":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"node config: {key} must be a number of seconds, not {value!r}")
     elif not isinstance(value, str):
@@ -102,6 +127,8 @@ def _check_type(key: str, value: object) -> None:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float | int):
         return repr(value)
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')

@@ -9,6 +9,13 @@ REGISTRY_DEADLINE_S = 3.0
 #: Deadline of a whole document fetch through the gateway.
 FETCH_DEADLINE_S = 120.0
 
+#: How often a node pulls the registry's list of revoked certificates.
+REVOCATION_POLL_S = 5.0
+#: Warn this long before the node's own certificate expires.
+CERTIFICATE_WARNING_DAYS = 30
+#: Lifetime of a requester assertion this node signs (peers accept up to 300 s).
+ASSERTION_LIFETIME_S = 120
+
 #: How often a node re-registers its directory entry with the registry.
 REGISTER_INTERVAL_S = 30.0
 #: How often the publisher looks for new index changes when idle.

@@ -6,7 +6,7 @@ sees dataclasses from ``node.answers`` and ``node.records``.
 
 from __future__ import annotations
 
-from node.answers import Facility, Requester, Status
+from node.answers import Facility, Status
 from node.records import DocumentRecord
 from transmural.v1 import common_pb2
 
@@ -28,26 +28,6 @@ def status_to_proto(status: Status) -> common_pb2.FacilityStatus:
 def status_from_proto(value: common_pb2.FacilityStatus) -> Status | None:
     """The domain status, or None for a value this version does not know."""
     return _STATUS_FROM_PROTO.get(value)
-
-
-def requester_to_proto(requester: Requester) -> common_pb2.Requester:
-    return common_pb2.Requester(
-        clinician_id=requester.clinician_id,
-        display_name=requester.display_name,
-        role=requester.role,
-        organisation_id=requester.organisation_id,
-        purpose_of_use=requester.purpose_of_use,
-    )
-
-
-def requester_from_proto(message: common_pb2.Requester) -> Requester:
-    return Requester(
-        clinician_id=message.clinician_id,
-        display_name=message.display_name,
-        role=message.role,
-        organisation_id=message.organisation_id,
-        purpose_of_use=message.purpose_of_use,
-    )
 
 
 def facility_to_proto(facility: Facility) -> common_pb2.NodeInfo:

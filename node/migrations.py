@@ -112,4 +112,17 @@ CREATE TABLE index_outbox (
 );
 """
 
-MIGRATIONS: list[str] = [_V1]
+_V2 = """
+-- Clinicians who may use this node's gateway. Only a hash of each bearer
+-- token is kept; the token itself is shown once, when the user is added.
+CREATE TABLE users (
+    user_id      TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    token_hash   BLOB NOT NULL UNIQUE,
+    created_at   TEXT NOT NULL,
+    expires_at   INTEGER NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]

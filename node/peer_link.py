@@ -15,11 +15,12 @@ import grpc
 
 from node import const
 from node.answers import Facility, Requester, Status
-from node.convert import document_from_proto, requester_to_proto, status_from_proto
+from node.assertions import AssertionSigner
+from node.convert import document_from_proto, status_from_proto
 from node.records import DocumentRecord
-from transmural import transport
+from transmural import pki, transport
 from transmural.errors import InvalidInput, NotFound, PermissionDenied, TransmuralError, Unavailable
-from transmural.v1 import peer_pb2, peer_pb2_grpc
+from transmural.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,39 @@ _PEER_STATUS = {
 
 
 class PeerChannels:
-    """Channels to peers by endpoint, opened on first use and kept."""
+    """Channels to peers, opened on first use and kept; every call signed.
 
-    def __init__(self) -> None:
-        self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    A channel is keyed by endpoint and node id: TLS checks that the peer's
+    certificate names that node (``<id>.node.transmural``), so a facility
+    answering at an address the registry gave for another is refused.
+    """
+
+    def __init__(self, tls: transport.TlsFiles | None, signer: AssertionSigner) -> None:
+        self._tls = tls
+        self._signer = signer
+        self._stubs: dict[tuple[str, str], peer_pb2_grpc.PeerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
         self._warned: set[str] = set()
 
-    def stub(self, endpoint: str) -> peer_pb2_grpc.PeerStub:
-        stub = self._stubs.get(endpoint)
+    def stub(self, facility: Facility) -> peer_pb2_grpc.PeerStub:
+        key = (facility.endpoint, facility.node_id)
+        stub = self._stubs.get(key)
         if stub is None:
-            channel = transport.open_channel(endpoint)
-            self._channels[endpoint] = channel
-            stub = self._stubs[endpoint] = peer_pb2_grpc.PeerStub(channel)
+            channel = transport.open_channel(
+                facility.endpoint, self._tls, pki.node_dns_name(facility.node_id)
+            )
+            self._channels.append(channel)
+            stub = self._stubs[key] = peer_pb2_grpc.PeerStub(channel)
         return stub
 
+    def _assertion(
+        self, requester: Requester, pseudonym: bytes, facility: Facility
+    ) -> common_pb2.SignedAssertion:
+        payload, signature = self._signer.sign(requester, pseudonym, facility.node_id)
+        return common_pb2.SignedAssertion(payload=payload, signature=signature)
+
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in self._channels:
             await channel.close()
         self._channels.clear()
         self._stubs.clear()
@@ -61,11 +78,11 @@ class PeerChannels:
     ) -> tuple[Status, str, list[DocumentRecord]]:
         request = peer_pb2.FindDocumentsRequest(
             pseudonym=pseudonym,
-            requester=requester_to_proto(requester),
             correlation_id=correlation_id,
+            assertion=self._assertion(requester, pseudonym, facility),
         )
         try:
-            response = await self.stub(facility.endpoint).FindDocuments(request, timeout=deadline_s)
+            response = await self.stub(facility).FindDocuments(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as error:
             self._note_failure(facility, error)
             status = _PEER_STATUS.get(error.code(), Status.ERROR)
@@ -88,10 +105,10 @@ class PeerChannels:
         request = peer_pb2.FetchDocumentRequest(
             pseudonym=pseudonym,
             document_id=document_id,
-            requester=requester_to_proto(requester),
             correlation_id=correlation_id,
+            assertion=self._assertion(requester, pseudonym, facility),
         )
-        call = self.stub(facility.endpoint).FetchDocument(request, timeout=const.FETCH_DEADLINE_S)
+        call = self.stub(facility).FetchDocument(request, timeout=const.FETCH_DEADLINE_S)
         try:
             async for chunk in call:
                 metadata = (

@@ -173,3 +173,13 @@ class BundleWritten:
     published: int
     unpublished: int
     skipped: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A clinician allowed to use this node's gateway."""
+
+    user_id: str
+    display_name: str
+    role: str
+    expires_at: int  # epoch seconds

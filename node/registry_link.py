@@ -13,17 +13,23 @@ from node import const
 from node.answers import Facility
 from node.convert import facility_from_proto, facility_to_proto
 from node.records import IndexChange
-from transmural import transport
-from transmural.errors import InvalidInput, NotFound, TransmuralError, Unavailable
+from transmural import pki, transport
+from transmural.errors import (
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    TransmuralError,
+    Unavailable,
+)
 from transmural.v1 import registry_pb2, registry_pb2_grpc
 
 
 class RegistryLink:
     """Register, publish and locate, against one registry."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: transport.TlsFiles | None) -> None:
         self.address = address
-        self._channel = transport.open_channel(address)
+        self._channel = transport.open_channel(address, tls, pki.REGISTRY_DNS_NAME)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     async def close(self) -> None:
@@ -54,6 +60,12 @@ class RegistryLink:
         response = await self._call(self._stub.ListNodes, registry_pb2.ListNodesRequest())
         return [facility_from_proto(n) for n in response.nodes]
 
+    async def revoked_serials(self) -> set[str]:
+        response = await self._call(
+            self._stub.ListRevocations, registry_pb2.ListRevocationsRequest()
+        )
+        return {r.serial for r in response.revocations}
+
     async def _call(self, method, request):  # type: ignore[no-untyped-def]
         try:
             return await method(request, timeout=const.REGISTRY_DEADLINE_S)
@@ -66,6 +78,8 @@ class RegistryLink:
             return NotFound(f"registry: {detail}")
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(f"registry: {detail}")
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            return PermissionDenied(f"registry: {detail}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return Unavailable(f"this node's registry at {self.address} did not answer in time")
         if code is grpc.StatusCode.UNAVAILABLE:

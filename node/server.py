@@ -1,8 +1,9 @@
 """The facility node: builds its parts in order and runs them.
 
-store -> pseudonymiser -> registry link -> peer channels -> holder and
-gateway -> gRPC server -> index publisher. ``stop`` takes them down in
-the reverse order. Tests pass their own clock or store.
+key files -> store -> registry link -> revocation list -> peer channels
+-> holder and gateway -> peer server (mutual TLS) and gateway server (TLS +
+clinician tokens) -> self-check -> index publisher and revocation poller.
+``stop`` takes them down in the reverse order. Tests pass their own clock.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from node import const
 from node.answers import Facility
+from node.assertions import AssertionCheck, AssertionSigner
 from node.config import NodeConfig
 from node.gateway import Gateway
 from node.holder import RecordHolder
@@ -22,37 +26,47 @@ from node.lock import NodeLock
 from node.peer_link import PeerChannels
 from node.publisher import IndexPublisher
 from node.registry_link import RegistryLink
+from node.revocations import RevocationList
 from node.service import GATEWAY_SERVICE, PEER_SERVICE, GatewayServicer, PeerServicer
 from node.store import NodeStore
-from transmural import transport
+from node.users import Clinicians
+from transmural import pki, transport
+from transmural.assertion import AssertionVerifier
+from transmural.auth import CertificateInterceptor
 from transmural.clock import Clock, SystemClock
+from transmural.errors import ConfigError
 from transmural.pseudonym import Pseudonymiser, read_network_key
 from transmural.v1 import gateway_pb2_grpc, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICES = [PEER_SERVICE, GATEWAY_SERVICE]
-
 
 class NodeServer:
-    """One facility node: Peer and Gateway services over its own store."""
+    """One facility node: Peer service for peers, Gateway service for clinicians."""
 
     def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self._address = ""
+        self._gateway_address = ""
+        self._lock: NodeLock | None = None
         self._store: NodeStore | None = None
         self._registry: RegistryLink | None = None
         self._peers: PeerChannels | None = None
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._publisher: IndexPublisher | None = None
-        self._publishing: asyncio.Task[None] | None = None
-        self._lock: NodeLock | None = None
+        self._revocations: RevocationList | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def address(self) -> str:
-        """The real ``host:port`` the node serves on (after ``start``)."""
+        """The peer port's real ``host:port`` (mutual TLS), after ``start``."""
         return self._address
+
+    @property
+    def gateway_address(self) -> str:
+        """The gateway port's real ``host:port`` (TLS, clinician tokens)."""
+        return self._gateway_address
 
     @property
     def store(self) -> NodeStore:
@@ -63,6 +77,11 @@ class NodeServer:
     def publisher(self) -> IndexPublisher:
         assert self._publisher is not None, "node not started"
         return self._publisher
+
+    @property
+    def revocations(self) -> RevocationList:
+        assert self._revocations is not None, "node not started"
+        return self._revocations
 
     async def start(self) -> None:
         """Build and start every part; on failure, undo what was started."""
@@ -75,37 +94,115 @@ class NodeServer:
     async def _start(self) -> None:
         config = self.config
         pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
+        tls, key = self._load_tls()
         self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
-        self._registry = RegistryLink(config.registry)
-        self._peers = PeerChannels()
+        self._registry = RegistryLink(config.registry, tls)
+        self._revocations = RevocationList(self._registry)
+        signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
+        self._peers = PeerChannels(tls, signer)
         gateway = Gateway(
             pseudonymiser, self._registry, self._peers, self.clock, config.peer_deadline_s
         )
-        server = transport.new_server()
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(RecordHolder(self._store)), server)
-        gateway_pb2_grpc.add_GatewayServicer_to_server(
-            GatewayServicer(gateway, config.national_system), server
-        )
-        health = transport.add_health_and_reflection(server, SERVICES)
-        self._server = server
-        self._address = transport.bind(server, config.listen)
-        await server.start()
-        await transport.mark_serving(health, SERVICES)
+        verifier = None if tls is None else AssertionVerifier(config.node_id, self.clock)
+        await self._serve_peers(tls, AssertionCheck(verifier, config.node_id))
+        await self._serve_gateway(tls, gateway)
+        if tls is not None:
+            await self._check_client_certificates_required(tls)
         facility = Facility(
             config.node_id, config.organisation_name, config.organisation_id, self._address
         )
         self._publisher = IndexPublisher(self._store, self._registry, facility, self.clock)
-        self._publishing = asyncio.create_task(self._publisher.run(), name="index-publisher")
-        log.info("node %s serving on %s", config.node_id, self._address)
+        await self._revocations.refresh()
+        self._tasks = [
+            asyncio.create_task(self._publisher.run(), name="index-publisher"),
+            asyncio.create_task(self._revocations.run(), name="revocation-poller"),
+        ]
+        log.info(
+            "node %s serving peers on %s, clinicians on %s%s",
+            config.node_id, self._address, self._gateway_address,
+            " (INSECURE: plain gRPC, --insecure-dev)" if tls is None else "",
+        )  # fmt: skip
+
+    def _load_tls(self) -> tuple[transport.TlsFiles | None, ec.EllipticCurvePrivateKey | None]:
+        config = self.config
+        if config.insecure_dev:
+            return None, None
+        assert config.certificate and config.private_key and config.ca_certificate
+        tls = transport.TlsFiles.load(config.ca_certificate, config.certificate, config.private_key)
+        own = pki.identity(pki.read_certificate(config.certificate))
+        if own.node_id != config.node_id:
+            raise ConfigError(
+                f"the certificate {config.certificate} is node {own.node_id}'s, "
+                f"not {config.node_id}'s"
+            )
+        self._warn_if_expiring(own)
+        return tls, pki.read_private_key(config.private_key)
+
+    def _warn_if_expiring(self, own: pki.CertificateIdentity) -> None:
+        left = own.not_after - datetime.fromtimestamp(self.clock.now(), UTC)
+        if left <= timedelta(0):
+            raise ConfigError(f"this node's certificate expired on {own.not_after:%Y-%m-%d}")
+        if left < timedelta(days=const.CERTIFICATE_WARNING_DAYS):
+            log.warning(
+                "this node's certificate expires on %s (in %d days): renew it",
+                f"{own.not_after:%Y-%m-%d}", left.days,
+            )  # fmt: skip
+
+    async def _serve_peers(self, tls: transport.TlsFiles | None, check: AssertionCheck) -> None:
+        assert self._store is not None and self._revocations is not None
+        interceptors = [] if tls is None else [CertificateInterceptor(self._revocations.is_revoked)]
+        server = transport.new_server(interceptors)
+        peer_pb2_grpc.add_PeerServicer_to_server(
+            PeerServicer(RecordHolder(self._store), check), server
+        )
+        health = transport.add_health_and_reflection(server, [PEER_SERVICE])
+        self._servers.append(server)
+        self._address = transport.bind(server, self.config.listen, tls)
+        await server.start()
+        await transport.mark_serving(health, [PEER_SERVICE])
+
+    async def _serve_gateway(self, tls: transport.TlsFiles | None, gateway: Gateway) -> None:
+        assert self._store is not None
+        config = self.config
+        server = transport.new_server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(
+            GatewayServicer(
+                gateway, Clinicians(self._store, self.clock),
+                config.national_system, config.organisation_id,
+            ),
+            server,
+        )  # fmt: skip
+        health = transport.add_health_and_reflection(server, [GATEWAY_SERVICE])
+        self._servers.append(server)
+        self._gateway_address = transport.bind(
+            server, config.gateway_listen, tls, client_certificates=False
+        )
+        await server.start()
+        await transport.mark_serving(health, [GATEWAY_SERVICE])
+
+    async def _check_client_certificates_required(self, tls: transport.TlsFiles) -> None:
+        """Refuse to run if the peer port would answer a client without a certificate."""
+        anonymous = transport.TlsFiles(tls.ca_pem)
+        channel = transport.open_channel(
+            self._address, anonymous, pki.node_dns_name(self.config.node_id)
+        )
+        try:
+            await transport.health_check(channel, timeout_s=2.0)
+        except grpc.aio.AioRpcError:
+            return  # refused, as it must be
+        finally:
+            await channel.close()
+        raise ConfigError(f"the peer port {self._address} does not require client certificates")
 
     async def stop(self, grace: float = const.STOP_GRACE_S) -> None:
-        if self._publishing is not None:
-            self._publishing.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._publishing
-        if self._server is not None:
-            await self._server.stop(grace)
+                await task
+        for server in self._servers:
+            await server.stop(grace)
         if self._peers is not None:
             await self._peers.close()
         if self._registry is not None:
@@ -114,6 +211,6 @@ class NodeServer:
             await self._store.close()
         if self._lock is not None:
             self._lock.release()
-        self._publishing = self._server = self._peers = self._registry = None
-        self._store = self._lock = None
+        self._tasks, self._servers = [], []
+        self._peers = self._registry = self._store = self._lock = None
         log.info("node %s stopped", self.config.node_id)

@@ -11,15 +11,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from node.answers import FacilityAnswer, Located
+from node.answers import FacilityAnswer, Located, Requester
+from node.assertions import AssertionCheck
 from node.convert import (
     document_to_proto,
     facility_to_proto,
-    requester_from_proto,
     status_to_proto,
 )
 from node.gateway import Gateway
 from node.holder import RecordHolder
+from node.users import Clinicians
+from transmural.auth import current_caller
 from transmural.const import DOCUMENT_CHUNK_BYTES
 from transmural.errors import InvalidInput
 from transmural.identifiers import Identifier, canonical
@@ -31,15 +33,22 @@ GATEWAY_SERVICE = "transmural.v1.Gateway"
 
 
 class PeerServicer(peer_pb2_grpc.PeerServicer):
-    def __init__(self, holder: RecordHolder) -> None:
+    """Other nodes' questions; the requester comes only from a verified assertion."""
+
+    def __init__(self, holder: RecordHolder, check: AssertionCheck) -> None:
         self._holder = holder
+        self._check = check
+
+    def _requester(self, signed: common_pb2.SignedAssertion, pseudonym: bytes) -> Requester:
+        return self._check.requester(signed.payload, signed.signature, pseudonym, current_caller())
 
     @maps_errors
     async def FindDocuments(
         self, request: peer_pb2.FindDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.FindDocumentsResponse:
+        requester = self._requester(request.assertion, request.pseudonym)
         answer = await self._holder.find_documents(
-            request.pseudonym, requester_from_proto(request.requester), request.correlation_id
+            request.pseudonym, requester, request.correlation_id
         )
         return peer_pb2.FindDocumentsResponse(
             status=status_to_proto(answer.status),
@@ -50,11 +59,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     async def FetchDocument(
         self, request: peer_pb2.FetchDocumentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
+        requester = self._requester(request.assertion, request.pseudonym)
         document, chunks = await self._holder.open_document(
-            request.pseudonym,
-            request.document_id,
-            requester_from_proto(request.requester),
-            request.correlation_id,
+            request.pseudonym, request.document_id, requester, request.correlation_id
         )
         metadata: common_pb2.DocumentMetadata | None = document_to_proto(document)
         async for data in chunks:
@@ -65,16 +72,36 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, national_system: str) -> None:
+    """Clinicians' calls; the clinician comes only from the bearer token."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        clinicians: Clinicians,
+        national_system: str,
+        organisation_id: str,
+    ) -> None:
         self._gateway = gateway
+        self._clinicians = clinicians
         self._national_system = national_system
+        self._organisation_id = organisation_id
+
+    async def _requester(self, context: grpc.aio.ServicerContext, purpose: str) -> Requester:
+        user = await self._clinicians.authenticate(_bearer_token(context))
+        return Requester(
+            clinician_id=user.user_id,
+            display_name=user.display_name,
+            role=user.role,
+            organisation_id=self._organisation_id,
+            purpose_of_use=purpose or "treatment",
+        )
 
     @maps_errors
     async def Search(
         self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.SearchEvent]:
+        requester = await self._requester(context, request.purpose_of_use)
         identifier = self._identifier(request.patient)
-        requester = requester_from_proto(request.requester)
         deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
         async for event in self._gateway.search(identifier, requester, deadline_s):
             yield _search_event(event)
@@ -85,8 +112,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
         if not request.node_id or not request.document_id:
             raise InvalidInput("a fetch names both the facility (node id) and the document id")
+        requester = await self._requester(context, request.purpose_of_use)
         identifier = self._identifier(request.patient)
-        requester = requester_from_proto(request.requester)
         async for metadata, data in self._gateway.fetch(
             identifier, request.node_id, request.document_id, requester
         ):
@@ -99,6 +126,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _identifier(self, patient: common_pb2.PatientIdentifier) -> Identifier:
         return canonical(patient.system or self._national_system, patient.value)
+
+
+def _bearer_token(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
 
 
 def _search_event(event: Located | FacilityAnswer) -> gateway_pb2.SearchEvent:

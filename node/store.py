@@ -23,7 +23,14 @@ from typing import Any
 from node.bundle_writer import outbox_rows, write_bundle
 from node.fhir import parse_reference
 from node.migrations import MIGRATIONS
-from node.records import BundleDraft, BundleWritten, DocumentRecord, IndexChange, PatientRecord
+from node.records import (
+    BundleDraft,
+    BundleWritten,
+    DocumentRecord,
+    IndexChange,
+    PatientRecord,
+    UserRecord,
+)
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.database import Database
 from transmural.errors import NotFound
@@ -222,6 +229,28 @@ class NodeStore:
         return int(rows[0][0])
 
     # --- ingest ---
+
+    # --- clinicians ---
+
+    async def put_user(self, user: UserRecord, token_hash: bytes) -> None:
+        """Add a clinician, or replace one (with a new token) by the same id."""
+        async with self._db.transaction("put_user") as db:
+            await db.execute(
+                "INSERT INTO users (user_id, display_name, role, token_hash, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
+                "display_name = excluded.display_name, role = excluded.role, "
+                "token_hash = excluded.token_hash, created_at = excluded.created_at, "
+                "expires_at = excluded.expires_at",
+                (user.user_id, user.display_name, user.role, token_hash, self._now(),
+                 user.expires_at),
+            )  # fmt: skip
+
+    async def user_by_token_hash(self, token_hash: bytes) -> UserRecord | None:
+        rows = await self._db.fetch(
+            "SELECT user_id, display_name, role, expires_at FROM users WHERE token_hash = ?",
+            (token_hash,),
+        )
+        return UserRecord(*rows[0]) if rows else None
 
     async def write_bundle(self, bundle: BundleDraft) -> BundleWritten:
         """Write one validated bundle in one transaction: all of it or nothing."""

@@ -1,9 +1,14 @@
-"""The Transmural registry: node directory and pseudonymised master patient index.
+"""The Transmural registry: node directory, pseudonymised master patient index, membership.
 
 - ``const``: every interval and limit the registry uses.
 - ``index``: the domain (``NodeDirectory``, ``MasterPatientIndex``); no gRPC, no SQL.
-- ``store``: SQLite storage behind ``index.RegistryStorage``.
-- ``service``: the thin ``transmural.v1.Registry`` servicer.
+- ``enrolment``: the membership domain (``Membership``: invites, joins,
+  revocations); no gRPC, no SQL.
+- ``store``: SQLite storage behind ``index.RegistryStorage`` and
+  ``enrolment.MembershipStorage``.
+- ``network``: the operator's network folder (CA, registry certificate, network key).
+- ``service``: the thin ``transmural.v1.Registry`` and ``Enrolment`` servicers.
 - ``server``: ``RegistryServer``, which builds the parts and runs them.
+- ``operator``: invite and revoke beside a running registry (``transmural-admin``).
 - ``cli``: the ``transmural-registry`` console script.
 """

@@ -1,11 +1,19 @@
 """``transmural-registry``: run the registry from a shell, a supervisor or a container.
 
-    transmural-registry serve --db PATH [--listen HOST:PORT] [--ready-file PATH]
+    transmural-registry serve --db PATH (--network-dir DIR | --insecure-dev)
+                              [--listen HOST:PORT] [--join-listen HOST:PORT]
+                              [--advertise-on ADDR ...] [--ready-file PATH]
                               [--log-file PATH] [--log-level LEVEL]
 
-A supervisor that starts the registry on port 0 learns the real address from
-the ready file, written atomically once the server is serving as JSON
-``{"address": "127.0.0.1:PORT", "pid": PID}`` and removed again on a clean
+With ``--network-dir`` (made by ``transmural-admin network init``) the
+registry serves nodes on a mutual-TLS port and joining nodes on a join port.
+``--insecure-dev`` is plain gRPC on one port with no enrolment: for
+development only, never between organisations.
+
+A supervisor that starts the registry on port 0 learns the real addresses
+from the ready file, written atomically once the server is serving as JSON
+``{"address": "127.0.0.1:PORT", "join_address": "127.0.0.1:PORT", "pid": PID}``
+(no ``join_address`` under ``--insecure-dev``) and removed again on a clean
 stop. SIGINT or SIGTERM stops the server gracefully (exit 0). A bad flag, an
 unusable database or an address that cannot be bound is one line on stderr
 and exit 2.
@@ -46,25 +54,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", type=Path, required=True, metavar="PATH", help="SQLite database (created if new)"
     )
     serve.add_argument(
+        "--network-dir",
+        type=Path,
+        metavar="DIR",
+        help="the network folder made by `transmural-admin network init` (CA, keys)",
+    )
+    serve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="serve plain gRPC without certificates or enrolment (development only)",
+    )
+    serve.add_argument(
         "--listen",
         default=const.DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help="address to listen on; port 0 picks a free one (default %(default)s)",
+        help="address of the (mutual-TLS) registry port; port 0 picks a free one "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--join-listen",
+        default=const.DEFAULT_JOIN_LISTEN,
+        metavar="HOST:PORT",
+        help="address of the join port (TLS, invite token instead of a client certificate); "
+        "port 0 picks a free one (default %(default)s)",
+    )
+    serve.add_argument(
+        "--advertise-on",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="advertise the join port with zeroconf on these interface addresses "
+        "(default: not advertised)",
     )
     add_serve_arguments(serve)
     return parser
 
 
-async def serve(db: Path, listen: str, ready_file: Path | None) -> None:
+async def serve(args: argparse.Namespace) -> None:
     """Run a registry until SIGINT or SIGTERM, then stop it gracefully."""
-    server = RegistryServer(db, listen)
+    server = RegistryServer(
+        args.db,
+        args.listen,
+        args.join_listen,
+        network_dir=None if args.insecure_dev else args.network_dir,
+        advertise_interfaces=args.advertise_on,
+    )
 
-    async def start() -> str:
+    async def start() -> dict[str, str]:
         await server.start()
-        return server.address
+        if server.join_address is None:
+            return {"address": server.address}
+        return {"address": server.address, "join_address": server.join_address}
 
     await serve_until_signalled(
-        start, lambda: server.stop(const.SHUTDOWN_GRACE_SECONDS), ready_file
+        start, lambda: server.stop(const.SHUTDOWN_GRACE_SECONDS), args.ready_file
     )
 
 
@@ -74,13 +117,16 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.network_dir is None) == (not args.insecure_dev):
+        parser.error("give exactly one of --network-dir DIR or --insecure-dev")
     try:
         configure_logging(args.log_level, args.log_file)
     except OSError as exc:
         return _fail(f"cannot open log file {args.log_file}: {exc.strerror or exc}", EXIT_USAGE)
     try:
-        asyncio.run(serve(args.db, args.listen, args.ready_file))
+        asyncio.run(serve(args))
     except TransmuralError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except OSError as exc:

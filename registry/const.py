@@ -29,3 +29,23 @@ LOCATE_QUERY_CHUNK = 1_000
 #: Milliseconds SQLite waits for a lock held by another process before
 #: giving up (only an operator's sqlite3 shell should ever hold one).
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+#: Where the join port listens unless told otherwise (port 0 picks a free port).
+DEFAULT_JOIN_LISTEN = "127.0.0.1:0"
+
+#: Seconds between reloads of the revoked-serial set from the database:
+#: ``transmural-admin revoke`` writes it from another process, and the
+#: registry refuses a revoked node within this interval.
+REVOCATION_REFRESH_S = 1.0
+
+#: Default lifetime of an invite token (seconds).
+DEFAULT_INVITE_TTL_S = 24 * 3600
+
+#: Longest lifetime an operator may give an invite (seconds): 30 days.
+MAX_INVITE_TTL_S = 30 * 24 * 3600
+
+#: Seconds the start-up self-check waits for each probe of the mutual-TLS port.
+SELF_CHECK_TIMEOUT_S = 5.0
+
+#: Warn at start-up when the registry's or the CA's certificate expires within this (s).
+CERTIFICATE_WARNING_S = 30 * 24 * 3600

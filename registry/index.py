@@ -21,7 +21,7 @@ from typing import Protocol
 from registry import const
 from transmural import const as wire
 from transmural.clock import Clock, SystemClock
-from transmural.errors import InvalidInput, NotFound
+from transmural.errors import InvalidInput, NotFound, PermissionDenied
 from transmural.pseudonym import PSEUDONYM_LENGTH
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _check_text(value: str, field: str, limit: int, *, required: bool) -> str:
+def check_text(value: str, field: str, limit: int, *, required: bool) -> str:
+    """``value`` stripped, if it fits ``limit`` and has no control characters."""
     value = value.strip()
     if required and not value:
         raise InvalidInput(f"{field} is empty")
@@ -113,6 +114,21 @@ def _check_text(value: str, field: str, limit: int, *, required: bool) -> str:
     if _CONTROL.search(value):
         raise InvalidInput(f"{field} contains control characters")
     return value
+
+
+def acting_node(requested: str, certified: str | None, action: str) -> str:
+    """The node a call acts for: the one its certificate names, when it has one.
+
+    A node id in a request is only a claim. A caller with a certificate may
+    leave it empty (it is filled from the certificate) but may not name
+    another node; without a certificate (``--insecure-dev``) it is taken on
+    trust. ``action`` completes the refusal: "publish for", "register as".
+    """
+    if certified is None:
+        return requested
+    if requested and requested != certified:
+        raise PermissionDenied(f"{certified}'s certificate cannot {action} {requested}")
+    return certified
 
 
 def check_pseudonym(pseudonym: bytes, position: int) -> bytes:
@@ -136,13 +152,13 @@ class NodeDirectory:
         """Add a node, or update its entry; returns the stored entry."""
         clean = NodeRecord(
             node_id=check_node_id(node.node_id),
-            organisation_name=_check_text(
+            organisation_name=check_text(
                 node.organisation_name,
                 "organisation_name",
                 const.MAX_ORGANISATION_NAME_LENGTH,
                 required=True,
             ),
-            organisation_id=_check_text(
+            organisation_id=check_text(
                 node.organisation_id,
                 "organisation_id",
                 const.MAX_ORGANISATION_ID_LENGTH,

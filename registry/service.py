@@ -1,20 +1,44 @@
-"""The Registry gRPC service: proto in, domain call, proto out.
+"""The Registry and Enrolment gRPC services: proto in, domain call, proto out.
 
-Deliberately thin: every rule lives in ``registry.index``, and every error
-becomes a gRPC status in ``transmural.status.maps_errors``. Until nodes carry
-certificates the publishing node is taken from the request on trust; the
-trust work moves it to the caller's certificate without touching the domain.
+Deliberately thin: every rule lives in ``registry.index`` and
+``registry.enrolment``, and every error becomes a gRPC status in
+``transmural.status.maps_errors``.
+
+Who calls is known from the client certificate (``transmural.auth``), never
+from a request field: on a registry with a network, a node id in a request
+must be the certificate's (or empty), and the directory's organisation
+comes from the certificate. Only a registry run with ``--insecure-dev``
+(``authenticated=False``) takes them from the request on trust.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
-from registry.index import IndexChange, MasterPatientIndex, NodeDirectory, NodeRecord
+from registry.enrolment import Membership
+from registry.index import (
+    IndexChange,
+    MasterPatientIndex,
+    NodeDirectory,
+    NodeRecord,
+    acting_node,
+)
+from transmural.auth import Caller, current_caller
+from transmural.clock import utc_iso
+from transmural.errors import PermissionDenied
 from transmural.status import maps_errors
-from transmural.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from transmural.v1 import (
+    common_pb2,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
 SERVICE_NAME: str = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+ENROLMENT_SERVICE_NAME: str = enrolment_pb2.DESCRIPTOR.services_by_name["Enrolment"].full_name
 
 
 def node_info(node: NodeRecord) -> common_pb2.NodeInfo:
@@ -28,39 +52,67 @@ def node_info(node: NodeRecord) -> common_pb2.NodeInfo:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    """Serves ``transmural.v1.Registry`` over a node directory and an index."""
+    """Serves ``transmural.v1.Registry`` over a node directory, an index and membership."""
 
-    def __init__(self, directory: NodeDirectory, index: MasterPatientIndex) -> None:
+    def __init__(
+        self,
+        directory: NodeDirectory,
+        index: MasterPatientIndex,
+        membership: Membership | None = None,
+        authenticated: bool = False,
+    ) -> None:
+        """``authenticated``: every call must come with a verified certificate
+        (the server runs ``CertificateInterceptor``); a call without one is
+        refused rather than trusted, should the interceptor ever be missing."""
         self._directory = directory
         self._index = index
+        self._membership = membership
+        self._authenticated = authenticated
+
+    def _caller(self) -> Caller | None:
+        caller = current_caller()
+        if self._authenticated and caller is None:
+            raise PermissionDenied("this registry accepts only calls with a node certificate")
+        return caller
 
     @maps_errors
     async def RegisterNode(
         self, request: registry_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.RegisterNodeResponse:
         wire = request.node
-        stored = await self._directory.register(
-            NodeRecord(
-                node_id=wire.node_id,
-                organisation_name=wire.organisation_name,
-                organisation_id=wire.organisation_id,
+        caller = self._caller()
+        if caller is None:
+            record = NodeRecord(
+                wire.node_id, wire.organisation_name, wire.organisation_id, wire.endpoint
+            )
+        else:
+            certified = caller.identity
+            record = NodeRecord(
+                node_id=acting_node(wire.node_id, certified.node_id, "register as"),
+                organisation_name=certified.organisation_name,
+                organisation_id=certified.organisation_id,
                 endpoint=wire.endpoint,
             )
-        )
+        stored = await self._directory.register(record)
         return registry_pb2.RegisterNodeResponse(node=node_info(stored))
 
     @maps_errors
     async def Publish(
         self, request: registry_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.PublishResponse:
+        caller = self._caller()
+        node_id = acting_node(
+            request.node_id, caller.identity.node_id if caller else None, "publish for"
+        )
         changes = [IndexChange(e.pseudonym, e.withdrawn) for e in request.entries]
-        result = await self._index.publish(request.node_id, changes)
+        result = await self._index.publish(node_id, changes)
         return registry_pb2.PublishResponse(published=result.published, withdrawn=result.withdrawn)
 
     @maps_errors
     async def Locate(
         self, request: registry_pb2.LocateRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.LocateResponse:
+        self._caller()
         locations = await self._index.locate(list(request.pseudonyms))
         wire_nodes: dict[str, common_pb2.NodeInfo] = {}
         response = registry_pb2.LocateResponse()
@@ -77,5 +129,51 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ListNodes(
         self, request: registry_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListNodesResponse:
+        self._caller()
         nodes = await self._directory.list_nodes()
         return registry_pb2.ListNodesResponse(nodes=[node_info(n) for n in nodes])
+
+    @maps_errors
+    async def ListRevocations(
+        self, request: registry_pb2.ListRevocationsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListRevocationsResponse:
+        self._caller()
+        records = await self._membership.revocations() if self._membership else []
+        return registry_pb2.ListRevocationsResponse(
+            revocations=[
+                registry_pb2.Revocation(
+                    serial=r.serial,
+                    node_id=r.node_id,
+                    organisation_id=r.organisation_id,
+                    revoked_at=utc_iso(r.revoked_at),
+                )
+                for r in records
+            ]
+        )
+
+
+class EnrolmentServicer(enrolment_pb2_grpc.EnrolmentServicer):
+    """Serves ``transmural.v1.Enrolment`` on the join port (TLS, no client certificate)."""
+
+    def __init__(self, membership: Membership, registry_endpoint: Callable[[], str]) -> None:
+        """``registry_endpoint`` gives the mutual-TLS address a joined node should dial."""
+        self._membership = membership
+        self._registry_endpoint = registry_endpoint
+
+    @maps_errors
+    async def Join(
+        self, request: enrolment_pb2.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> enrolment_pb2.JoinResponse:
+        result = await self._membership.join(request.invite_secret, request.csr_der)
+        member = result.member
+        return enrolment_pb2.JoinResponse(
+            certificate_der=result.certificate_der,
+            ca_certificate_der=result.ca_certificate_der,
+            wrapped_network_key=result.wrapped_network_key,
+            node=common_pb2.NodeInfo(
+                node_id=member.node_id,
+                organisation_id=member.organisation_id,
+                organisation_name=member.organisation_name,
+            ),
+            registry_endpoint=self._registry_endpoint(),
+        )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from registry import const
+from registry.enrolment import CertificateRecord, InviteRecord, RevocationRecord
 from registry.index import NodeRecord
 from transmural.clock import Clock, SystemClock
 from transmural.database import Database
@@ -42,9 +43,44 @@ CREATE TABLE index_entries (
 ) WITHOUT ROWID;
 """
 
+# Membership: invites (only the secret's hash), issued certificates and
+# revocations. Still nothing that names a patient.
+_V2 = """
+CREATE TABLE invites (
+    secret_hash BLOB PRIMARY KEY NOT NULL
+        CHECK (typeof(secret_hash) = 'blob' AND length(secret_hash) = 32),
+    node_id TEXT NOT NULL,
+    organisation_id TEXT NOT NULL,
+    organisation_name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+) WITHOUT ROWID;
+
+CREATE INDEX invites_by_node ON invites (node_id);
+
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY NOT NULL,
+    node_id TEXT NOT NULL,
+    organisation_id TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL
+) WITHOUT ROWID;
+
+CREATE INDEX certificates_by_node ON certificates (node_id);
+CREATE INDEX certificates_by_organisation ON certificates (organisation_id);
+
+CREATE TABLE revocations (
+    serial TEXT PRIMARY KEY NOT NULL REFERENCES certificates (serial),
+    node_id TEXT NOT NULL,
+    organisation_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: Numbered schema migrations (``MIGRATIONS[n - 1]`` makes version ``n``);
 #: never edit a released one, add the next.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NODE_COLUMNS = "node_id, organisation_name, organisation_id, endpoint, registered_at, updated_at"
@@ -71,8 +107,32 @@ _LOCATE = """
 """
 
 
+_INVITE_COLUMNS = (
+    "secret_hash, node_id, organisation_id, organisation_name, created_at, expires_at, used_at"
+)
+_REVOCATION_COLUMNS = "serial, node_id, organisation_id, revoked_at"
+# What makes a node id taken: a certificate not revoked, or an invite still open.
+_NODE_ID_HOLDER = """
+    SELECT 'certificate' FROM certificates AS c
+    WHERE c.node_id = :node_id
+      AND NOT EXISTS (SELECT 1 FROM revocations AS r WHERE r.serial = c.serial)
+    UNION ALL
+    SELECT 'invite' FROM invites
+    WHERE node_id = :node_id AND used_at IS NULL AND expires_at > :now
+    LIMIT 1
+"""
+_REDEEM = """
+    UPDATE invites SET used_at = ?
+    WHERE secret_hash = ? AND used_at IS NULL AND expires_at > ?
+"""
+
+
 class RegistryStore:
-    """The registry's SQLite database; satisfies ``registry.index.RegistryStorage``."""
+    """The registry's SQLite database.
+
+    Satisfies ``registry.index.RegistryStorage`` and
+    ``registry.enrolment.MembershipStorage``.
+    """
 
     def __init__(self, db: Database) -> None:
         """Wrap an open database; use ``RegistryStore.open`` to get one ready."""
@@ -150,3 +210,100 @@ class RegistryStore:
                         node = nodes[node_row[0]] = NodeRecord(*node_row)
                     found.setdefault(pseudonym, []).append(node)
         return found
+
+    # --- membership ---
+
+    async def add_invite(self, record: InviteRecord, now: float) -> str | None:
+        """Insert the invite unless its node id is taken; else what holds it.
+
+        The check and the insert are one transaction, so two operators
+        inviting one node id at once cannot both succeed.
+        """
+        async with self._db.transaction("add_invite") as db:
+            holder = list(
+                await db.execute_fetchall(_NODE_ID_HOLDER, {"node_id": record.node_id, "now": now})
+            )
+            if holder:
+                return str(holder[0][0])
+            await db.execute(
+                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.secret_hash,
+                    record.node_id,
+                    record.organisation_id,
+                    record.organisation_name,
+                    record.created_at,
+                    record.expires_at,
+                    record.used_at,
+                ),
+            )
+        return None
+
+    async def get_invite(self, secret_hash: bytes) -> InviteRecord | None:
+        rows = await self._db.fetch(
+            f"SELECT {_INVITE_COLUMNS} FROM invites WHERE secret_hash = ?", (secret_hash,)
+        )
+        return InviteRecord(*rows[0]) if rows else None
+
+    async def redeem_invite(
+        self, secret_hash: bytes, certificate: CertificateRecord, now: float
+    ) -> bool:
+        """Use the invite and record the certificate in one transaction.
+
+        False (and nothing written) when the invite is gone, used or expired
+        by now: the single-use rule holds even for two joins at once.
+        """
+        async with self._db.transaction("redeem_invite") as db:
+            cursor = await db.execute(_REDEEM, (now, secret_hash, now))
+            if cursor.rowcount != 1:
+                return False
+            await db.execute(
+                "INSERT INTO certificates (serial, node_id, organisation_id, issued_at, not_after)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    certificate.serial,
+                    certificate.node_id,
+                    certificate.organisation_id,
+                    certificate.issued_at,
+                    certificate.not_after,
+                ),
+            )
+        return True
+
+    async def revoke_organisation(
+        self, organisation_id: str, now: float
+    ) -> tuple[int, list[RevocationRecord]]:
+        """Revoke the organisation's live certificates and drop its nodes, atomically.
+
+        A revoked node leaves the directory and the index with its
+        certificate: no search should be sent to a node every peer refuses.
+        Returns (certificates the organisation ever had, revocations made now).
+        """
+        async with self._db.transaction("revoke_organisation") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT c.serial, c.node_id, r.serial IS NOT NULL FROM certificates AS c"
+                    " LEFT JOIN revocations AS r ON r.serial = c.serial"
+                    " WHERE c.organisation_id = ? ORDER BY c.issued_at",
+                    (organisation_id,),
+                )
+            )
+            revoked = [
+                RevocationRecord(serial, node_id, organisation_id, now)
+                for serial, node_id, done in rows
+                if not done
+            ]
+            await db.executemany(
+                f"INSERT INTO revocations ({_REVOCATION_COLUMNS}) VALUES (?, ?, ?, ?)",
+                [(r.serial, r.node_id, r.organisation_id, r.revoked_at) for r in revoked],
+            )
+            gone = [(node_id,) for node_id in sorted({r.node_id for r in revoked})]
+            await db.executemany("DELETE FROM index_entries WHERE node_id = ?", gone)
+            await db.executemany("DELETE FROM nodes WHERE node_id = ?", gone)
+        return len(rows), revoked
+
+    async def revocations(self) -> list[RevocationRecord]:
+        rows = await self._db.fetch(
+            f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY revoked_at, serial"
+        )
+        return [RevocationRecord(*row) for row in rows]

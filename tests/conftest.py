@@ -16,23 +16,31 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from node.answers import Facility
 from node.config import NodeConfig
 from node.ingest import ingest_folder
+from node.records import IndexChange
+from node.registry_link import RegistryLink
 from node.server import NodeServer
+from node.users import Clinicians
+from registry.network import init_network
 from registry.server import RegistryServer
-from tools.gateway_client import Clinician, FacilityResult, GatewayClient, Holders
+from tools.gateway_client import FacilityResult, GatewayClient, Holders, NodeAccess
+from tools.join import join
 from tools.spread import SpreadPlan, spread
 from tools.synthetic import generate
+from transmural import pki, transport
 from transmural.identifiers import BSN_SYSTEM
 from transmural.pseudonym import Pseudonymiser, new_network_key, write_network_key
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-CLINICIAN = Clinician("test-physician", "Dr. Test", "physician")
+CLINICIAN_ID = "test-physician"
 
 
 def shared_data(name: str) -> Path:
@@ -49,6 +57,8 @@ class RunningNetwork:
     registry: RegistryServer
     nodes: list[NodeServer]
     key: bytes
+    tokens: list[str] = field(default_factory=list)
+    ca_pem: bytes | None = None
     clients: list[GatewayClient] = field(default_factory=list)
     plan: SpreadPlan | None = None
 
@@ -56,8 +66,18 @@ class RunningNetwork:
     def pseudonymiser(self) -> Pseudonymiser:
         return Pseudonymiser(self.key)
 
-    def client(self, index: int = 0) -> GatewayClient:
-        client = GatewayClient(self.nodes[index].address, CLINICIAN)
+    def access(self, index: int = 0, token: str | None = None) -> NodeAccess:
+        """How node ``index``'s clinician reaches its gateway."""
+        node = self.nodes[index]
+        return NodeAccess(
+            node.gateway_address,
+            self.tokens[index] if token is None else token,
+            self.ca_pem,
+            node.config.node_id,
+        )
+
+    def client(self, index: int = 0, token: str | None = None) -> GatewayClient:
+        client = GatewayClient(self.access(index, token))
         self.clients.append(client)
         return client
 
@@ -94,35 +114,73 @@ class RunningNetwork:
 NetworkFactory = Callable[..., Awaitable[RunningNetwork]]
 
 
+async def join_node(
+    registry: RegistryServer, folder: Path, index: int, **settings: Any
+) -> NodeConfig:
+    """Invite and join facility ``index`` (flow 2), returning its node config."""
+    assert registry.membership is not None and registry.join_address
+    node_id = f"node-{index + 1}"
+    token = await registry.membership.create_invite(
+        f"URA-{90000000 + index + 1}", f"Facility {index + 1}", node_id, registry.join_address
+    )
+    joined = await join(token, folder)
+    return NodeConfig(
+        node_id=joined.node_id,
+        organisation_name=joined.organisation_name,
+        organisation_id=joined.organisation_id,
+        registry=joined.registry_endpoint,
+        database=folder / "node.db",
+        network_key_file=joined.paths.network_key,
+        certificate=joined.paths.node_cert,
+        private_key=joined.paths.node_key,
+        ca_certificate=joined.paths.ca_cert,
+        **settings,
+    )
+
+
 @pytest.fixture
 async def network(tmp_path: Path) -> AsyncIterator[NetworkFactory]:
+    """Start a registry and ``n`` joined nodes on loopback, all on mutual TLS.
+
+    ``insecure=True`` runs everything as --insecure-dev instead (plain gRPC).
+    """
     started: list[RunningNetwork] = []
 
     async def start(
-        n: int = 3, national_system: str = BSN_SYSTEM, **node_settings: object
+        n: int = 3, national_system: str = BSN_SYSTEM, insecure: bool = False, **settings: Any
     ) -> RunningNetwork:
         root = tmp_path / f"net-{len(started)}"
-        key = new_network_key()
-        write_network_key(root / "network.key", key)
-        registry = RegistryServer(root / "registry.db", "127.0.0.1:0")
+        network_dir = None if insecure else root / "network"
+        if network_dir is not None:
+            init_network(network_dir, "Test network")
+        registry = RegistryServer(root / "registry.db", network_dir=network_dir)
         await registry.start()
-        nodes = []
+        net = RunningNetwork(root, registry, [], b"")
+        started.append(net)
+        if registry.network is not None:
+            net.key = registry.network.network_key
+            net.ca_pem = pki.pem(registry.network.ca_cert)
+        else:
+            net.key = new_network_key()
+            write_network_key(root / "network.key", net.key)
         for i in range(n):
-            config = NodeConfig(
-                node_id=f"node-{i + 1}",
-                organisation_name=f"Facility {i + 1}",
-                registry=registry.address,
-                database=root / f"node-{i + 1}" / "node.db",
-                network_key_file=root / "network.key",
-                national_system=national_system,
-                **node_settings,  # type: ignore[arg-type]
-            )
-            config.database.parent.mkdir(parents=True, exist_ok=True)
+            folder = root / f"node-{i + 1}"
+            settings = {"national_system": national_system, **settings}
+            if insecure:
+                config = NodeConfig(
+                    node_id=f"node-{i + 1}", organisation_name=f"Facility {i + 1}",
+                    registry=registry.address, database=folder / "node.db",
+                    network_key_file=root / "network.key", insecure_dev=True, **settings,
+                )  # fmt: skip
+                folder.mkdir(parents=True, exist_ok=True)
+            else:
+                config = await join_node(registry, folder, i, **settings)
             node = NodeServer(config)
             await node.start()
-            nodes.append(node)
-        net = RunningNetwork(root, registry, nodes, key)
-        started.append(net)
+            net.nodes.append(node)
+            net.tokens.append(
+                await Clinicians(node.store).add(CLINICIAN_ID, "Dr. Test", "physician")
+            )
         return net
 
     yield start
@@ -190,8 +248,34 @@ def assert_registry_holds_no_identity(database: Path, bundles: list[Path]) -> No
         assert conn.execute("SELECT count(*) FROM index_entries").fetchone()[0] > 0
 
 
-async def start_silent_peer(method: str) -> tuple[grpc.aio.Server, str]:
-    """A facility whose ``transmural.v1.Peer/<method>`` accepts the call and never answers."""
+def node_tls(config: NodeConfig) -> transport.TlsFiles | None:
+    """The TLS files of a joined node (None for an --insecure-dev node)."""
+    if config.insecure_dev:
+        return None
+    assert config.ca_certificate and config.certificate and config.private_key
+    return transport.TlsFiles.load(config.ca_certificate, config.certificate, config.private_key)
+
+
+async def publish_as(net: RunningNetwork, tls: transport.TlsFiles | None, node_id: str,
+                     pseudonym: bytes, endpoint: str = "") -> None:  # fmt: skip
+    """Register (when ``endpoint`` is given) and publish one entry as a node."""
+    link = RegistryLink(net.registry.address, tls)
+    try:
+        if endpoint:
+            await link.register(Facility(node_id, f"{node_id} facility", "", endpoint))
+        await link.publish(node_id, [IndexChange(0, pseudonym, False)])
+    finally:
+        await link.close()
+
+
+async def start_silent_peer(
+    net: RunningNetwork, method: str, pseudonym: bytes, node_id: str = "hung"
+) -> grpc.aio.Server:
+    """A member facility whose ``Peer/<method>`` accepts the call and never answers.
+
+    It has a real certificate from the test network's CA, serves mutual TLS
+    and is listed in the registry as holding ``pseudonym``.
+    """
     never = asyncio.Event()
 
     async def hang_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -213,6 +297,16 @@ async def start_silent_peer(method: str) -> tuple[grpc.aio.Server, str]:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("transmural.v1.Peer", {method: handler})]
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    tls = None
+    if net.registry.network is not None:
+        network = net.registry.network
+        key = pki.new_private_key()
+        cert = pki.issue_node_certificate(
+            network.ca_key, network.ca_cert, pki.make_csr(key, node_id), node_id,
+            f"URA-{node_id}", f"{node_id} facility",
+        )  # fmt: skip
+        tls = transport.TlsFiles(pki.pem(network.ca_cert), pki.pem(cert), pki.key_pem(key))
+    address = transport.bind(server, "127.0.0.1:0", tls)
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    await publish_as(net, tls, node_id, pseudonym, endpoint=address)
+    return server

@@ -57,6 +57,7 @@ def node_config(tmp_path: Path) -> Path:
         registry="127.0.0.1:1",
         database=tmp_path / "node.db",
         network_key_file=key,
+        insecure_dev=True,  # ingest needs no certificates; it never talks to the network
     )
     path = tmp_path / "node.toml"
     path.write_text(config.to_toml(tmp_path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tests.conftest import NetworkFactory, RunningNetwork
 from tests.test_search import at_least, bsn_of
+from transmural import pki
 
 
 async def transmural(*args: str) -> tuple[int, str, str]:
@@ -29,11 +30,21 @@ async def loaded(network: NetworkFactory, bundles: Path) -> tuple[RunningNetwork
     return net, bsn_of(plan, at_least(plan, 2)[0])
 
 
+def signed_in(net: RunningNetwork, index: int = 0) -> list[str]:
+    """The flags that reach node ``index``'s gateway as its test clinician."""
+    assert net.ca_pem is not None
+    ca_file = net.root / "ca-for-client.crt"
+    ca_file.write_bytes(net.ca_pem)
+    access = net.access(index)
+    return ["--node", access.address, "--token", access.token, "--ca", str(ca_file),
+            "--node-id", access.node_id]  # fmt: skip
+
+
 async def test_search_json_with_options_after_the_command(
     network: NetworkFactory, synthetic_bundles: Path
 ) -> None:
     net, bsn = await loaded(network, synthetic_bundles)
-    code, out, err = await transmural("search", bsn, "--json", "--node", net.nodes[0].address)
+    code, out, err = await transmural("search", bsn, "--json", *signed_in(net))
     assert code == 0, err
     answer = json.loads(out)
     assert len(answer["facilities"]) >= 2
@@ -45,13 +56,16 @@ async def test_registry_down_is_not_blamed_on_your_node(
 ) -> None:
     net, bsn = await loaded(network, synthetic_bundles)
     await net.registry.stop(0)
-    code, _, err = await transmural("--node", net.nodes[0].address, "search", bsn)
+    code, _, err = await transmural(*signed_in(net), "search", bsn)
     assert code == 1
     assert "registry" in err and "cannot reach your node" not in err
 
 
 async def test_node_not_running_exit_3(network: NetworkFactory) -> None:
-    code, _, err = await transmural("--node", "127.0.0.1:1", "search", "111222333")
+    net = await network(n=1)
+    flags = signed_in(net)
+    flags[1] = "127.0.0.1:1"
+    code, _, err = await transmural(*flags, "search", "111222333")
     assert code == 3
     assert "cannot reach your node at 127.0.0.1:1" in err
 
@@ -60,11 +74,11 @@ async def test_fetch_to_stdout_and_to_missing_folder(
     network: NetworkFactory, synthetic_bundles: Path, tmp_path: Path
 ) -> None:
     net, bsn = await loaded(network, synthetic_bundles)
-    node = net.nodes[0].address
-    code, out, _ = await transmural("--node", node, "search", bsn, "--json")
+    node = signed_in(net)
+    code, out, _ = await transmural(*node, "search", bsn, "--json")
     facility = json.loads(out)["facilities"][0]
     document = facility["documents"][0]
-    fetch = ["--node", node, "fetch", bsn, "--facility", facility["node_id"],
+    fetch = [*node, "fetch", bsn, "--facility", facility["node_id"],
              "--document", document["document_id"]]  # fmt: skip
 
     code, out, err = await transmural(*fetch, "-o", "-")
@@ -85,13 +99,36 @@ async def test_fetch_to_stdout_and_to_missing_folder(
 
 async def test_bad_input_exit_2(network: NetworkFactory) -> None:
     net = await network(n=1)
-    node = net.nodes[0].address
+    node = signed_in(net)
     for args, says in [
         (["search", "111222333", "--deadline-ms", "-5"], "0 to"),
         (["search", "|111222333"], "empty system"),
         (["search", "111222334"], "11-check"),
     ]:
-        code, _, err = await transmural("--node", node, *args)
+        code, _, err = await transmural(*node, *args)
         assert code == 2, (args, err)
         assert says in err, (args, err)
         assert "Traceback" not in err
+
+
+async def test_missing_token_or_ca_is_a_clear_error(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    flags = signed_in(net)
+    without_token = [f for i, f in enumerate(flags) if i not in (2, 3)]
+    code, _, err = await transmural(*without_token, "search", "111222333")
+    assert code == 2 and "no clinician token" in err
+    code, _, err = await transmural(*flags[:4], "search", "111222333")
+    assert code == 2 and "no network CA" in err
+
+
+async def test_gateway_refuses_a_client_trusting_another_ca(
+    network: NetworkFactory, tmp_path: Path
+) -> None:
+    net = await network(n=1)
+    _, foreign = pki.create_ca("Foreign")
+    other_ca = tmp_path / "foreign-ca.crt"
+    pki.write_certificate(other_ca, foreign)
+    flags = signed_in(net)
+    flags[5] = str(other_ca)
+    code, _, err = await transmural(*flags, "search", "111222333")
+    assert code == 3, err

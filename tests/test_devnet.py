@@ -105,7 +105,7 @@ def test_devnet_serves_clinician_search_json(tmp_path: Path) -> None:
         patient = json.loads(source_bundles[0].read_text())["entry"][0]["resource"]
         bsn = next(i["value"] for i in patient["identifier"] if i["system"].endswith("bsn"))
 
-        env = {**os.environ, "TRANSMURAL_NODE": node["client"]["TRANSMURAL_NODE"]}
+        env = {**os.environ, "TRANSMURAL_CONFIG": node["client"]["TRANSMURAL_CONFIG"]}
         search = subprocess.run(
             [*CLIENT, "search", bsn, "--json"],
             cwd=REPO,
@@ -121,6 +121,14 @@ def test_devnet_serves_clinician_search_json(tmp_path: Path) -> None:
         allowed = {"ok", "no-record", "consent-denied", "timeout", "unreachable", "error"}
         assert set(statuses.values()) <= allowed
 
+        # The same node, without the CA: refused (exit 3), not answered in plain text.
+        plain = subprocess.run(
+            [*CLIENT, "--insecure-dev", "--node", node["gateway_address"], "--token", "x",
+             "search", bsn],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert plain.returncode == 3, plain.stderr
+
         registry = network["registry"]
         assert_registry_holds_no_identity(Path(registry["database"]), source_bundles)
     finally:
@@ -128,7 +136,7 @@ def test_devnet_serves_clinician_search_json(tmp_path: Path) -> None:
         out, err = devnet.communicate(timeout=30)
     assert devnet.returncode == 0, err
     script = Path(sys.executable).parent / "transmural"
-    assert f"Try:  {script} --node {node['address']} search" in out
+    assert f"Try:  {script} --config {node['client']['TRANSMURAL_CONFIG']} search" in out
     assert str(workdir / "network.json") in out
 
 

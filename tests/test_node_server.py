@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from node.answers import Facility
-from node.records import IndexChange
-from node.registry_link import RegistryLink
 from node.server import NodeServer
 from tests.conftest import NetworkFactory, start_silent_peer
 from tests.test_search import bsn_of
@@ -34,9 +31,7 @@ async def test_port_in_use_is_a_clear_error_and_releases_everything(
 ) -> None:
     net = await network(n=1)
     busy = net.nodes[0].address
-    config = dataclasses.replace(
-        net.nodes[0].config, node_id="other", database=tmp_path / "other.db", listen=busy
-    )
+    config = dataclasses.replace(net.nodes[0].config, database=tmp_path / "other.db", listen=busy)
     node = NodeServer(config)
     with pytest.raises(ConfigError, match="cannot listen on"):
         await node.start()
@@ -61,18 +56,14 @@ async def test_fetch_from_a_frozen_facility_fails_within_the_deadline(
     net = await network(n=1, peer_deadline_s=0.3)
     plan = await net.load(synthetic_bundles)
     bsn = bsn_of(plan, sorted(plan.patients)[0])
-    hung, address = await start_silent_peer("FetchDocument")
-    link = RegistryLink(net.registry.address)
+    pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
+    hung = await start_silent_peer(net, "FetchDocument", pseudonym, node_id="frozen")
     try:
-        await link.register(Facility("frozen", "Frozen Facility", "", address))
-        pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
-        await link.publish("frozen", [IndexChange(0, pseudonym, False)])
         started = asyncio.get_running_loop().time()
         with pytest.raises(ClientError, match="frozen did not answer") as caught:
             await net.client(0).fetch(bsn, "frozen", "DocumentReference/x", io.BytesIO())
         elapsed = asyncio.get_running_loop().time() - started
     finally:
-        await link.close()
         await hung.stop(0)
     assert caught.value.exit_code == 1
     assert elapsed < 3.0

@@ -1,4 +1,9 @@
-"""The registry as nodes see it: a real server on loopback, a real channel, no mocks."""
+"""The registry as nodes see it: a real server on loopback, real channels, no mocks.
+
+Protocol behaviour runs twice: against a registry with a network (mutual
+TLS, each node calling with its own certificate minted from the test CA)
+and against one run with ``--insecure-dev`` (plain gRPC, node ids on trust).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,22 @@ import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from registry import operator
 from registry.index import NodeDirectory, NodeRecord
+from registry.network import NetworkFiles, init_network
 from registry.server import RegistryServer
 from registry.service import SERVICE_NAME
 from registry.store import RegistryStore
-from transmural import const, transport
+from tests.registry_pki import mint_node, registry_channel
+from tools.join import join
+from transmural import const, invite, transport
 from transmural.errors import ConfigError
 from transmural.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from transmural.v1.registry_pb2_grpc import RegistryStub as Stub
@@ -34,11 +44,12 @@ def pseudonym(i: int) -> bytes:
     return hashlib.sha256(f"test-patient-{i}".encode()).digest()
 
 
-def node(node_id: str, port: int, name: str = "") -> common_pb2.NodeInfo:
+def node(node_id: str, port: int) -> common_pb2.NodeInfo:
+    """A directory entry; its organisation is what ``mint_node`` writes into certificates."""
     return common_pb2.NodeInfo(
         node_id=node_id,
-        organisation_name=name or f"Facility {node_id}",
-        organisation_id=f"URA-{port}",
+        organisation_name=f"Facility {node_id}",
+        organisation_id=f"URA-{node_id}",
         endpoint=f"127.0.0.1:{port}",
     )
 
@@ -67,41 +78,107 @@ async def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> None
         pytest.fail(f"condition not met within {seconds} s")
 
 
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[RegistryServer]:
-    server = RegistryServer(tmp_path / "registry.db")
+@dataclass
+class Fleet:
+    """Stubs to one registry, each presenting one node's certificate (one shared under
+    ``--insecure-dev``, where the node id in the request is all there is)."""
+
+    registry: RegistryServer
+    network: NetworkFiles | None
+    channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    def __call__(self, node_id: str = "observer") -> Stub:
+        key = node_id if self.network else ""
+        if key not in self.channels:
+            tls = mint_node(self.network, node_id) if self.network else None
+            self.channels[key] = registry_channel(self.registry.address, tls)
+        return registry_pb2_grpc.RegistryStub(self.channels[key])
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        self()
+        return next(iter(self.channels.values()))
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+@pytest.fixture(params=["mtls", "insecure-dev"])
+async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
+    network = init_network(tmp_path / "network", "Test") if request.param == "mtls" else None
+    server = RegistryServer(
+        tmp_path / "registry.db", network_dir=network.folder if network else None
+    )
     await server.start()
-    yield server
+    nodes = Fleet(server, network)
+    yield nodes
+    await nodes.close()
     await server.stop(0)
 
 
 @pytest.fixture
-async def stub(registry: RegistryServer) -> AsyncIterator[Stub]:
-    channel = transport.open_channel(registry.address)
-    yield registry_pb2_grpc.RegistryStub(channel)
-    await channel.close()
+def stub(fleet: Fleet) -> Stub:
+    """A stub of a node that only reads (Locate, ListNodes)."""
+    return fleet()
 
 
 @pytest.fixture
-async def two_nodes(stub: Stub) -> Stub:
+async def two_nodes(fleet: Fleet) -> Fleet:
     """Nodes ``alpha`` (port 7401) and ``beta`` (port 7402), registered."""
-    await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("beta", 7402)))
-    await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("alpha", 7401)))
-    return stub
+    await fleet("beta").RegisterNode(registry_pb2.RegisterNodeRequest(node=node("beta", 7402)))
+    await fleet("alpha").RegisterNode(registry_pb2.RegisterNodeRequest(node=node("alpha", 7401)))
+    return fleet
 
 
-async def test_register_and_list_nodes(stub: Stub) -> None:
-    response = await stub.RegisterNode(
-        registry_pb2.RegisterNodeRequest(node=node("gp-west", 7401, "GP West"))
+async def test_register_and_list_nodes(fleet: Fleet) -> None:
+    response = await fleet("gp-west").RegisterNode(
+        registry_pb2.RegisterNodeRequest(node=node("gp-west", 7401))
     )
-    assert response.node == node("gp-west", 7401, "GP West")
-    await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("hospital-1", 7402)))
+    assert response.node == node("gp-west", 7401)
+    await fleet("hospital-1").RegisterNode(
+        registry_pb2.RegisterNodeRequest(node=node("hospital-1", 7402))
+    )
     # Registering again updates the entry instead of adding one.
-    await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("gp-west", 7409, "GP W")))
+    await fleet("gp-west").RegisterNode(
+        registry_pb2.RegisterNodeRequest(node=node("gp-west", 7409))
+    )
 
-    listed = await stub.ListNodes(registry_pb2.ListNodesRequest())
+    listed = await fleet().ListNodes(registry_pb2.ListNodesRequest())
 
-    assert list(listed.nodes) == [node("gp-west", 7409, "GP W"), node("hospital-1", 7402)]
+    assert list(listed.nodes) == [node("gp-west", 7409), node("hospital-1", 7402)]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("localhost", "host:port"),
+        ("localhost:0", "port must be a number from 1 to 65535"),
+        ("localhost:70000", "port must be a number from 1 to 65535"),
+        ("bad host:7400", "host must be"),
+    ],
+)
+async def test_register_rejects_a_bad_endpoint(fleet: Fleet, value: str, message: str) -> None:
+    bad = node("gp-west", 7401)
+    bad.endpoint = value
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fleet("gp-west").RegisterNode(registry_pb2.RegisterNodeRequest(node=bad))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (caught.value.details() or "")
+    assert not (await fleet().ListNodes(registry_pb2.ListNodesRequest())).nodes
+
+
+@pytest.fixture
+async def insecure_stub(tmp_path: Path) -> AsyncIterator[Stub]:
+    """A registry run with --insecure-dev, where node and organisation come from the request."""
+    server = RegistryServer(tmp_path / "registry.db")
+    await server.start()
+    channel = transport.open_channel(server.address, None)
+    yield registry_pb2_grpc.RegistryStub(channel)
+    await channel.close()
+    await server.stop(0)
 
 
 @pytest.mark.parametrize(
@@ -110,35 +187,57 @@ async def test_register_and_list_nodes(stub: Stub) -> None:
         ("node_id", "", "node_id is empty"),
         ("node_id", "Gp_West", "lowercase letters, digits and '-'"),
         ("node_id", "n" * 65, "1-64 characters"),
-        ("endpoint", "localhost", "host:port"),
-        ("endpoint", "localhost:0", "port must be a number from 1 to 65535"),
-        ("endpoint", "localhost:70000", "port must be a number from 1 to 65535"),
-        ("endpoint", "bad host:7400", "host must be"),
         ("organisation_name", "  ", "organisation_name is empty"),
         ("organisation_name", "x" * 201, "organisation_name is longer than 200"),
     ],
 )
-async def test_register_rejects_bad_node(stub: Stub, field: str, value: str, message: str) -> None:
+async def test_insecure_dev_checks_the_claimed_identity(
+    insecure_stub: Stub, field: str, value: str, message: str
+) -> None:
     bad = node("gp-west", 7401)
     setattr(bad, field, value)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=bad))
+        await insecure_stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=bad))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (caught.value.details() or "")
-    assert not (await stub.ListNodes(registry_pb2.ListNodesRequest())).nodes
+    assert not (await insecure_stub.ListNodes(registry_pb2.ListNodesRequest())).nodes
 
 
-async def test_publish_and_locate_across_two_nodes(two_nodes: Stub) -> None:
-    stub = two_nodes
-    alpha = await stub.Publish(publish("alpha", *range(0, 5000)))
-    beta = await stub.Publish(publish("beta", *range(2500, 7500)))
+async def test_with_mtls_the_certificate_names_the_node(tmp_path: Path) -> None:
+    network = init_network(tmp_path / "network", "Test")
+    server = RegistryServer(tmp_path / "registry.db", network_dir=network.folder)
+    await server.start()
+    tls = mint_node(network, "gp-west", "URA-1", "GP West")
+    try:
+        async with registry_channel(server.address, tls) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            claimed = common_pb2.NodeInfo(
+                organisation_name="Not Us", organisation_id="URA-9", endpoint="127.0.0.1:7401"
+            )
+            reply = await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=claimed))
+            published = await stub.Publish(registry_pb2.PublishRequest(entries=[]))
+    finally:
+        await server.stop(0)
+
+    assert reply.node == common_pb2.NodeInfo(
+        node_id="gp-west",
+        organisation_name="GP West",
+        organisation_id="URA-1",
+        endpoint="127.0.0.1:7401",
+    )
+    assert (published.published, published.withdrawn) == (0, 0)
+
+
+async def test_publish_and_locate_across_two_nodes(two_nodes: Fleet) -> None:
+    alpha = await two_nodes("alpha").Publish(publish("alpha", *range(0, 5000)))
+    beta = await two_nodes("beta").Publish(publish("beta", *range(2500, 7500)))
     assert (alpha.published, alpha.withdrawn) == (5000, 0)
     assert (beta.published, beta.withdrawn) == (5000, 0)
 
     asked = [*random.Random(7).sample(range(7500), 998), 9_999_999, 10]
-    response = await stub.Locate(
+    response = await two_nodes().Locate(
         registry_pb2.LocateRequest(pseudonyms=[pseudonym(i) for i in asked])
     )
 
@@ -151,19 +250,23 @@ async def test_publish_and_locate_across_two_nodes(two_nodes: Stub) -> None:
     assert response.locations[0].holders[0].organisation_name.startswith("Facility ")
 
 
-async def test_withdrawing_removes_only_that_holder(two_nodes: Stub) -> None:
-    stub = two_nodes
-    await stub.Publish(publish("alpha", 1, 2, 3))
-    await stub.Publish(publish("beta", 2, 3))
+async def test_withdrawing_removes_only_that_holder(two_nodes: Fleet) -> None:
+    await two_nodes("alpha").Publish(publish("alpha", 1, 2, 3))
+    await two_nodes("beta").Publish(publish("beta", 2, 3))
 
-    response = await stub.Publish(publish("alpha", 2, 99, withdrawn=True))
+    response = await two_nodes("alpha").Publish(publish("alpha", 2, 99, withdrawn=True))
 
     assert (response.published, response.withdrawn) == (0, 2)
-    assert await holders_of(stub, 1, 2, 3, 99) == [["alpha"], ["beta"], ["alpha", "beta"], []]
+    assert await holders_of(two_nodes(), 1, 2, 3, 99) == [
+        ["alpha"],
+        ["beta"],
+        ["alpha", "beta"],
+        [],
+    ]
 
 
-async def test_republishing_is_idempotent(two_nodes: Stub) -> None:
-    stub = two_nodes
+async def test_republishing_is_idempotent(two_nodes: Fleet) -> None:
+    stub = two_nodes("alpha")
     first = await stub.Publish(publish("alpha", 1, 2))
     again = await stub.Publish(publish("alpha", 1, 2, 1))
 
@@ -171,19 +274,18 @@ async def test_republishing_is_idempotent(two_nodes: Stub) -> None:
     assert await holders_of(stub, 1, 2) == [["alpha"], ["alpha"]]
 
 
-async def test_last_change_in_a_batch_wins(two_nodes: Stub) -> None:
-    stub = two_nodes
+async def test_last_change_in_a_batch_wins(two_nodes: Fleet) -> None:
     request = publish("alpha", 1, 2)
     request.entries.add(pseudonym=pseudonym(1), withdrawn=True)
 
-    response = await stub.Publish(request)
+    response = await two_nodes("alpha").Publish(request)
 
     assert (response.published, response.withdrawn) == (1, 1)
-    assert await holders_of(stub, 1, 2) == [[], ["alpha"]]
+    assert await holders_of(two_nodes(), 1, 2) == [[], ["alpha"]]
 
 
-async def test_short_pseudonym_is_invalid_and_nothing_is_stored(two_nodes: Stub) -> None:
-    stub = two_nodes
+async def test_short_pseudonym_is_invalid_and_nothing_is_stored(two_nodes: Fleet) -> None:
+    stub = two_nodes("alpha")
     request = publish("alpha", 1)
     request.entries.add(pseudonym=pseudonym(2)[:31])
 
@@ -200,57 +302,58 @@ async def test_short_pseudonym_is_invalid_and_nothing_is_stored(two_nodes: Stub)
     assert "32 bytes" in (caught.value.details() or "")
 
 
-async def test_publishing_from_an_unregistered_node_is_not_found(two_nodes: Stub) -> None:
+async def test_publishing_from_an_unregistered_node_is_not_found(two_nodes: Fleet) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await two_nodes.Publish(publish("gamma", 1))
+        await two_nodes("gamma").Publish(publish("gamma", 1))
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert caught.value.details() == "node 'gamma' is not registered; call RegisterNode first"
-    assert await holders_of(two_nodes, 1) == [[]]
+    assert await holders_of(two_nodes(), 1) == [[]]
 
 
-async def test_oversized_batches_are_refused(two_nodes: Stub) -> None:
+async def test_oversized_batches_are_refused(two_nodes: Fleet) -> None:
     too_many = const.MAX_PUBLISH_BATCH + 1
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await two_nodes.Publish(publish("alpha", *range(too_many)))
+        await two_nodes("alpha").Publish(publish("alpha", *range(too_many)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"at most {const.MAX_PUBLISH_BATCH} entries, not {too_many}" in (
         caught.value.details() or ""
     )
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await holders_of(two_nodes, *range(const.MAX_LOCATE_BATCH + 1))
+        await holders_of(two_nodes(), *range(const.MAX_LOCATE_BATCH + 1))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_concurrent_publishes_and_locates_do_not_interfere(two_nodes: Stub) -> None:
-    stub = two_nodes
+async def test_concurrent_publishes_and_locates_do_not_interfere(two_nodes: Fleet) -> None:
     publishes = [
-        stub.Publish(publish(node_id, *range(start, start + 500)))
+        two_nodes(node_id).Publish(publish(node_id, *range(start, start + 500)))
         for start in range(0, 4000, 500)
         for node_id in ("alpha", "beta")
     ]
-    locates = [holders_of(stub, *range(0, 4000, 7)) for _ in range(8)]
+    locates = [holders_of(two_nodes(), *range(0, 4000, 7)) for _ in range(8)]
 
     await asyncio.gather(*publishes, *locates)
 
-    assert await holders_of(stub, 0, 1999, 3999) == [["alpha", "beta"]] * 3
+    assert await holders_of(two_nodes(), 0, 1999, 3999) == [["alpha", "beta"]] * 3
 
 
 async def test_data_survives_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "registry.db"
-    first = RegistryServer(db)
+    network = init_network(tmp_path / "network", "Test")
+    alpha = mint_node(network, "alpha")
+    first = RegistryServer(db, network_dir=network.folder)
     await first.start()
-    async with transport.open_channel(first.address) as channel:
+    async with registry_channel(first.address, alpha) as channel:
         stub = registry_pb2_grpc.RegistryStub(channel)
         await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("alpha", 7401)))
         await stub.Publish(publish("alpha", 1, 2))
     await first.stop()
 
-    second = RegistryServer(db)
+    second = RegistryServer(db, network_dir=network.folder)
     await second.start()
     try:
-        async with transport.open_channel(second.address) as channel:
+        async with registry_channel(second.address, alpha) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
             listed = await stub.ListNodes(registry_pb2.ListNodesRequest())
             assert list(listed.nodes) == [node("alpha", 7401)]
@@ -274,9 +377,12 @@ def read_schema(db: Path) -> tuple[dict[str, set[str]], list[tuple[str, int]], s
 
 async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path) -> None:
     db = tmp_path / "registry.db"
-    server = RegistryServer(db)
+    network = init_network(tmp_path / "network", "Test")
+    server = RegistryServer(db, network_dir=network.folder)
     await server.start()
-    async with transport.open_channel(server.address) as channel:
+    assert server.membership is not None and server.join_address is not None
+    token = await server.membership.create_invite("URA-1", "Facility", "alpha", "")
+    async with registry_channel(server.address, mint_node(network, "alpha")) as channel:
         stub = registry_pb2_grpc.RegistryStub(channel)
         await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("alpha", 7401)))
         await stub.Publish(publish("alpha", *range(100)))
@@ -295,28 +401,39 @@ async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path)
             "updated_at",
         },
         "index_entries": {"pseudonym", "node_id", "updated_at"},
+        "invites": {
+            "secret_hash",
+            "node_id",
+            "organisation_id",
+            "organisation_name",
+            "created_at",
+            "expires_at",
+            "used_at",
+        },
+        "certificates": {"serial", "node_id", "organisation_id", "issued_at", "not_after"},
+        "revocations": {"serial", "node_id", "organisation_id", "revoked_at"},
     }
+    # Not the invite secret either: only its SHA-256.
+    secret = invite.decode(token).secret
+    assert secret not in await asyncio.to_thread(db.read_bytes)
     patient_words = ("patient", "identifier", "bsn", "ssn", "birth", "dob", "given", "family")
     every_column = {c for cols in columns.values() for c in cols}
     assert not [c for c in every_column for word in patient_words if word in c]
-    # The only "name" is the facility's, in the node directory.
+    # The only "name" is the facility's, in the node directory and its invite.
     assert [c for c in every_column if "name" in c] == ["organisation_name"]
     assert shapes == [("blob", 32)] * 100
     assert mode == "wal"
 
 
-async def test_health_reports_serving(registry: RegistryServer) -> None:
-    async with transport.open_channel(registry.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", SERVICE_NAME):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+async def test_health_reports_serving(fleet: Fleet) -> None:
+    health = health_pb2_grpc.HealthStub(fleet.channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_an_address_in_use_is_a_config_error(
-    registry: RegistryServer, tmp_path: Path
-) -> None:
-    second = RegistryServer(tmp_path / "other.db", listen=registry.address)
+async def test_an_address_in_use_is_a_config_error(fleet: Fleet, tmp_path: Path) -> None:
+    second = RegistryServer(tmp_path / "other.db", listen=fleet.registry.address)
     with pytest.raises(ConfigError, match="cannot listen on"):
         await second.start()
     with pytest.raises(ConfigError, match="port from 0 to 65535"):
@@ -335,19 +452,39 @@ async def run_cli(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+async def stop_cli(process: asyncio.subprocess.Process) -> str:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    return stderr.decode()
+
+
 async def test_cli_serve_writes_ready_file_and_stops_on_sigterm(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     log_file = tmp_path / "registry.log"
+    network = init_network(tmp_path / "network", "Test")
     process = await run_cli(
-        "serve", "--db", str(tmp_path / "r.db"), "--ready-file", str(ready),
-        "--log-file", str(log_file), "--log-level", "debug",
+        "serve", "--db", str(tmp_path / "r.db"), "--network-dir", str(network.folder),
+        "--ready-file", str(ready), "--log-file", str(log_file), "--log-level", "debug",
     )  # fmt: skip
     try:
         await wait_for(ready.exists)
         announced = json.loads(ready.read_text())
         assert announced["pid"] == process.pid
         assert announced["address"].startswith("127.0.0.1:")
-        async with transport.open_channel(announced["address"]) as channel:
+        assert announced["join_address"].startswith("127.0.0.1:")
+        assert announced["join_address"] != announced["address"]
+        # A node joins through the join port, then calls the mutual-TLS port as itself.
+        token = await operator.invite(
+            network.folder, tmp_path / "r.db", "URA-1", "Facility alpha", "alpha",
+            announced["join_address"],
+        )  # fmt: skip
+        joined = await join(token, tmp_path / "alpha")
+        assert joined.registry_endpoint == announced["address"]
+        tls = transport.TlsFiles.load(
+            joined.paths.ca_cert, joined.paths.node_cert, joined.paths.node_key
+        )
+        async with registry_channel(joined.registry_endpoint, tls) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME)
             )
@@ -357,14 +494,13 @@ async def test_cli_serve_writes_ready_file_and_stops_on_sigterm(tmp_path: Path) 
             await stub.Publish(publish("alpha", *range(20)))
             assert await holders_of(stub, 3) == [["alpha"]]
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+        stderr = await stop_cli(process)
 
-    assert process.returncode == 0, stderr.decode()
+    assert process.returncode == 0, stderr
     assert not ready.exists()
     logged = log_file.read_text()
     assert "registry serving on" in logged
+    assert "node alpha of organisation URA-1 joined" in logged
     assert "node alpha published 20 and withdrew 0 index entries" in logged
     # Not even at DEBUG does a pseudonym reach the log, in any spelling.
     for i in range(20):
@@ -373,13 +509,49 @@ async def test_cli_serve_writes_ready_file_and_stops_on_sigterm(tmp_path: Path) 
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+async def test_cli_serve_insecure_dev_has_no_join_port(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    process = await run_cli(
+        "serve", "--db", str(tmp_path / "r.db"), "--insecure-dev", "--ready-file", str(ready)
+    )
+    try:
+        await wait_for(ready.exists)
+        announced = json.loads(ready.read_text())
+        assert set(announced) == {"address", "pid"}
+        async with transport.open_channel(announced["address"], None) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            await stub.RegisterNode(registry_pb2.RegisterNodeRequest(node=node("alpha", 7401)))
+            assert [
+                n.node_id for n in (await stub.ListNodes(registry_pb2.ListNodesRequest())).nodes
+            ] == ["alpha"]
+    finally:
+        stderr = await stop_cli(process)
+    assert process.returncode == 0, stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["serve"], "the following arguments are required: --db"),
+        (["serve", "--db", "x.db"], "give exactly one of --network-dir DIR or --insecure-dev"),
+        (
+            ["serve", "--db", "x.db", "--insecure-dev", "--network-dir", "net"],
+            "give exactly one of --network-dir DIR or --insecure-dev",
+        ),
+        (["serve", "--db", "x.db", "--network-dir", "nowhere"], "there is no network folder"),
         (["serve", "--db", "x.db", "--log-level", "LOUD"], "invalid choice: 'LOUD'"),
-        (["serve", "--db", "x.db", "--listen", "nowhere"], "cannot listen on 'nowhere'"),
-        (["serve", "--db", "/nonexistent/dir/r.db"], "cannot open registry database"),
+        (
+            ["serve", "--db", "x.db", "--insecure-dev", "--listen", "nowhere"],
+            "cannot listen on 'nowhere'",
+        ),
+        (
+            ["serve", "--db", "/nonexistent/dir/r.db", "--insecure-dev"],
+            "cannot open registry database",
+        ),
+        (
+            ["serve", "--db", "x.db", "--insecure-dev", "--advertise-on", "127.0.0.1"],
+            "only a registry with a network can advertise",
+        ),
     ],
 )
 async def test_cli_errors_are_one_line_and_exit_2(

@@ -1,8 +1,10 @@
-"""The registry's domain and store, below gRPC: times, atomicity, migrations, a model check."""
+"""The registry's domain and store, below gRPC: times, atomicity, migrations, a model check,
+and the membership records (invites, certificates, revocations)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from registry.enrolment import CertificateRecord, InviteRecord, RevocationRecord
 from registry.index import IndexChange, MasterPatientIndex, NodeDirectory, NodeRecord
-from registry.store import SCHEMA_VERSION, RegistryStore
+from registry.store import MIGRATIONS, SCHEMA_VERSION, RegistryStore
+from transmural.database import Database
 from transmural.errors import ConfigError, InvalidInput
 
 NODES = ("alpha", "beta", "gamma")
@@ -193,3 +197,80 @@ def test_the_index_matches_a_model_of_publish_and_withdraw(
     history: list[tuple[str, list[tuple[int, bool]]]],
 ) -> None:
     asyncio.run(replay(history))
+
+
+# --- membership ---
+
+
+def invite_record(secret: bytes, node_id: str, expires_at: float) -> InviteRecord:
+    return InviteRecord(
+        secret_hash=hashlib.sha256(secret).digest(),
+        node_id=node_id,
+        organisation_id=f"URA-{node_id}",
+        organisation_name=f"Facility {node_id}",
+        created_at=0.0,
+        expires_at=expires_at,
+    )
+
+
+def certificate(serial: str, node_id: str) -> CertificateRecord:
+    return CertificateRecord(serial, node_id, f"URA-{node_id}", 0.0, 10**10)
+
+
+async def test_an_expired_invite_no_longer_holds_its_node_id(store: RegistryStore) -> None:
+    assert await store.add_invite(invite_record(b"a", "alpha", 100.0), now=50.0) is None
+    assert await store.add_invite(invite_record(b"b", "alpha", 200.0), now=99.0) == "invite"
+    assert await store.add_invite(invite_record(b"c", "alpha", 300.0), now=100.0) is None
+
+
+async def test_redeeming_is_single_use_and_all_or_nothing(store: RegistryStore) -> None:
+    record = invite_record(b"a", "alpha", 100.0)
+    await store.add_invite(record, now=0.0)
+
+    assert not await store.redeem_invite(record.secret_hash, certificate("01", "alpha"), 100.0)
+    assert await store.redeem_invite(record.secret_hash, certificate("02", "alpha"), 99.0)
+    assert not await store.redeem_invite(record.secret_hash, certificate("03", "alpha"), 99.5)
+    assert not await store.redeem_invite(b"\0" * 32, certificate("04", "alpha"), 1.0)
+
+    stored = await store.get_invite(record.secret_hash)
+    assert stored is not None and stored.used_at == 99.0
+    # Only the one certificate, and the node id is held by it now.
+    assert await store.add_invite(invite_record(b"b", "alpha", 500.0), now=200.0) == "certificate"
+    known, revoked = await store.revoke_organisation("URA-alpha", 300.0)
+    assert (known, [r.serial for r in revoked]) == (1, ["02"])
+    assert await store.add_invite(invite_record(b"b", "alpha", 500.0), now=301.0) is None
+
+
+async def test_revoking_removes_the_nodes_from_directory_and_index(store: RegistryStore) -> None:
+    await store.add_invite(invite_record(b"a", "alpha", 100.0), now=0.0)
+    await store.redeem_invite(hashlib.sha256(b"a").digest(), certificate("0a", "alpha"), 1.0)
+    await store.upsert_node(facility("alpha"), 2.0)
+    await store.upsert_node(facility("beta", 7402), 2.0)
+    await store.publish("alpha", [b"p" * 32], [], 3.0)
+    await store.publish("beta", [b"p" * 32], [], 3.0)
+
+    known, revoked = await store.revoke_organisation("URA-alpha", 4.0)
+
+    assert (known, revoked) == (1, [RevocationRecord("0a", "alpha", "URA-alpha", 4.0)])
+    assert [n.node_id for n in await store.list_nodes()] == ["beta"]
+    assert [n.node_id for n in (await store.holders([b"p" * 32]))[b"p" * 32]] == ["beta"]
+    assert await store.revocations() == revoked
+    assert await store.revoke_organisation("URA-alpha", 5.0) == (1, [])
+    assert await store.revoke_organisation("URA-nobody", 5.0) == (0, [])
+
+
+async def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path: Path) -> None:
+    db = tmp_path / "registry.db"
+    old = await Database.open(db, MIGRATIONS[:1], FakeClock(), owner="registry", busy_timeout_ms=1)
+    async with old.transaction("seed") as conn:
+        await conn.execute(
+            "INSERT INTO nodes VALUES ('alpha', 'Facility alpha', '', '127.0.0.1:7401', 1, 1)"
+        )
+    await old.close()
+
+    store = await RegistryStore.open(db)
+    try:
+        assert [n.node_id for n in await store.list_nodes()] == ["alpha"]
+        assert await store.revocations() == []
+    finally:
+        await store.close()

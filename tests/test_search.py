@@ -7,11 +7,8 @@ import io
 
 import pytest
 
-from node.answers import Facility
-from node.records import IndexChange
-from node.registry_link import RegistryLink
-from tests.conftest import CLINICIAN, NetworkFactory, collect, start_silent_peer
-from tools.gateway_client import ClientError, GatewayClient
+from tests.conftest import NetworkFactory, collect, node_tls, publish_as, start_silent_peer
+from tools.gateway_client import ClientError
 from tools.spread import SpreadPlan
 from transmural.identifiers import BSN_SYSTEM, canonical
 
@@ -148,12 +145,13 @@ async def test_fetch_of_another_patients_document_is_not_found(
         await net.client(0).fetch(bsn_of(plan, second), "node-1", document_id, io.BytesIO())
 
 
-async def test_requester_without_clinician_refused(network: NetworkFactory) -> None:
+async def test_search_without_a_valid_token_refused(network: NetworkFactory) -> None:
     net = await network(n=1)
-    anonymous = GatewayClient(net.nodes[0].address, type(CLINICIAN)("", "", ""))
-    net.clients.append(anonymous)
-    with pytest.raises(ClientError, match="clinician"):
-        await collect(anonymous, "111222333")
+    for token in ("", "tmu1_not-issued-here"):
+        with pytest.raises(ClientError) as caught:
+            await collect(net.client(0, token=token), "111222333")
+        assert caught.value.exit_code == 4
+        assert "token" in str(caught.value)
 
 
 async def test_stale_index_entry_answers_no_record(
@@ -166,11 +164,7 @@ async def test_stale_index_entry_answers_no_record(
     fhir_id = next(f for f in sorted(plan.patients) if plan.patients[f].nodes == [0])
     bsn = bsn_of(plan, fhir_id)
     pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
-    link = RegistryLink(net.registry.address)
-    try:
-        await link.publish("node-2", [IndexChange(seq=0, pseudonym=pseudonym, withdrawn=False)])
-    finally:
-        await link.close()
+    await publish_as(net, node_tls(net.nodes[1].config), "node-2", pseudonym)
 
     _, results = await collect(net.client(0), bsn)
 
@@ -188,16 +182,11 @@ async def test_peer_that_never_answers_times_out(
     await net.consent_all(True)
     fhir_id = sorted(plan.patients)[0]
     bsn = bsn_of(plan, fhir_id)
-    hung, address = await start_silent_peer("FindDocuments")
-    link = RegistryLink(net.registry.address)
+    pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
+    hung = await start_silent_peer(net, "FindDocuments", pseudonym)
     try:
-        await link.register(Facility("hung", "Hung Facility", "", address))
-        pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
-        await link.publish("hung", [IndexChange(seq=0, pseudonym=pseudonym, withdrawn=False)])
-
         _, results = await collect(net.client(0), bsn, deadline_ms=300)
     finally:
-        await link.close()
         await hung.stop(0)
 
     assert results["hung"].status == "timeout"

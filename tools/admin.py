@@ -1,5 +1,10 @@
-"""``transmural-admin``: run and load a network.
+"""``transmural-admin``: create, grow, run and load a network.
 
+  transmural-admin network init --dir DIR [--name NAME]  the operator's CA and keys
+  transmural-admin invite --network-dir DIR --db REGISTRY_DB --org-id ID --org-name NAME
+                          [--node-id ID] [--registry HOST:PORT] [--ttl-hours H]
+  transmural-admin revoke --db REGISTRY_DB --org-id ID
+  transmural-admin join TOKEN --dir NODE_DIR              a facility joins
   transmural-admin ingest --config NODE.toml PATH...   load FHIR bundles into a node
   transmural-admin consent --config NODE.toml IDENTIFIER --allow|--deny
   transmural-admin devnet [--nodes N] [--data DIR] [--workdir DIR] [--demo]
@@ -7,9 +12,10 @@
 Exit codes:
   0    done; devnet: stopped with Ctrl-C or SIGTERM, or the demo passed
   1    ingest: some file was refused (each is named); consent: no such
-       patient at this node; devnet: a server exited while running, or
-       the demo missed its goal
-  2    bad usage, configuration or input; devnet: a server did not start
+       patient at this node; revoke: nothing left to revoke; devnet: a
+       server exited while running, or the demo missed its goal
+  2    bad usage, configuration or input; invite, join: refused (the
+       message says why); devnet: a server did not start
   130  interrupted (Ctrl-C) before devnet was up
 """
 
@@ -26,8 +32,12 @@ from node.config import NodeConfig
 from node.ingest import ingest_file, ingest_folder
 from node.records import IngestReport
 from node.store import NodeStore
+from registry import const as registry_const
+from registry import operator
+from registry.network import init_network
 from tools import demo as demo_scenario
 from tools import devnet
+from tools import join as joining
 from tools.supervise import ProcessError, watch
 from transmural.errors import InvalidBundle, TransmuralError
 from transmural.identifiers import parse_token
@@ -122,6 +132,57 @@ async def consent(config_path: Path, identifier: str, allow: bool) -> int:
     return 0
 
 
+def network_init(folder: Path, name: str) -> int:
+    network = init_network(folder, name)
+    say(f"network {network.name!r} created in {folder}")
+    say(f"CA fingerprint (SHA-256): {network.ca_fingerprint}")
+    say(
+        "start the registry with: transmural-registry serve "
+        f"--network-dir {folder} --db REGISTRY_DB"
+    )
+    return 0
+
+
+async def invite(args: argparse.Namespace) -> int:
+    """Print the token and nothing else, so a script can capture it."""
+    token = await operator.invite(
+        args.network_dir,
+        args.db,
+        args.org_id,
+        args.org_name,
+        node_id=args.node_id,
+        join_address=args.registry,
+        ttl_s=round(args.ttl_hours * 3600),
+    )
+    say(token)
+    return 0
+
+
+async def revoke(db: Path, organisation_id: str) -> int:
+    serials = await operator.revoke(db, organisation_id)
+    if not serials:
+        print(
+            f"transmural-admin: every certificate of {organisation_id} was already revoked",
+            file=sys.stderr,
+        )
+        return 1
+    say(
+        f"revoked {len(serials)} {_plural(len(serials), 'certificate')} of {organisation_id} "
+        f"(serial {', '.join(serials)}); the registry refuses them within "
+        f"{registry_const.REVOCATION_REFRESH_S:g} s"
+    )
+    return 0
+
+
+async def join(token: str, folder: Path, discover_on: list[str]) -> int:
+    joined = await joining.join(token, folder, discover_on or None)
+    say(f"joined as node {joined.node_id}")
+    say(f"organisation: {joined.organisation_name} ({joined.organisation_id})")
+    say(f"registry: {joined.registry_endpoint}")
+    say(f"key, certificate, CA and network key written to {folder}")
+    return 0
+
+
 def run_devnet(args: argparse.Namespace) -> int:
     """Run the network until a signal (0), a server dies (1) or the demo ends.
 
@@ -135,7 +196,7 @@ def run_devnet(args: argparse.Namespace) -> int:
     try:
         workdir = args.workdir or devnet.default_workdir()
         say(f"working folder: {workdir}")
-        net = devnet.prepare(workdir, args.nodes, args.data, say)
+        net = devnet.prepare(workdir, args.nodes, args.data, say, insecure=args.insecure_dev)
         with devnet.running(net):
             return _bring_up_and_run(net, args.demo)
     finally:
@@ -150,17 +211,22 @@ def _interrupt(signum: int, frame: object) -> None:
 def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
     devnet.start_registry(net)
     say(f"registry serving on {net.registry.address if net.registry else '?'}")
-    devnet.write_configs(net)
+    asyncio.run(devnet.enrol(net, say))
     devnet.ingest_all(net, say)
+    asyncio.run(devnet.add_clinicians(net))
     picks = demo_scenario.pick_patients(net.plan, net.national_system)
     keep = {p for p in (picks.shared, picks.single) if p}
     deny = {picks.denied} if picks.denied else set()
     asyncio.run(devnet.set_consent(net, keep, deny))
     devnet.start_nodes(net)
     asyncio.run(devnet.wait_published(net))
+    devnet.write_client_files(net)
     network_json = devnet.write_network_json(net)
-    for config, server in zip(net.configs, net.nodes, strict=True):
-        say(f"{config.node_id} ({config.organisation_name}) serving on {server.address}")
+    for index, config in enumerate(net.configs):
+        say(
+            f"{config.node_id} ({config.organisation_name}): peers on "
+            f"{net.node_address(index)}, clinicians on {net.gateway_address(index)}"
+        )
     if demo:
         say(f"network description: {network_json}")
         missed = asyncio.run(demo_scenario.run(net, picks, sys.stdout))
@@ -168,8 +234,9 @@ def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
         if missed:
             print(f"demo: {missed}", file=sys.stderr)
         return 1 if missed else 0
+    client_file = net.node_dir(0) / "client.json"
     say(
-        f"\nTry:  {_clinician_command()} --node {net.node_address(0)} search "
+        f"\nTry:  {_clinician_command()} --config {client_file} search "
         f"'{net.national_system}|<identifier>'\n"
         f"Addresses, databases and logs of every server: {network_json}\nStop with Ctrl-C."
     )
@@ -221,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     choice = c.add_mutually_exclusive_group(required=True)
     choice.add_argument("--allow", action="store_true", help="the patient consents to exchange")
     choice.add_argument("--deny", action="store_true", help="the patient refuses or withdraws")
+    _add_membership_commands(sub)
     d = sub.add_parser(
         "devnet",
         help="run a registry and N nodes on loopback",
@@ -241,6 +309,11 @@ def _parser() -> argparse.ArgumentParser:
         help="folder of FHIR R4 bundles to spread over the nodes (default: synthetic Dutch data)",
     )
     d.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="plain gRPC, no certificates (development only; the demo never uses it)",
+    )
+    d.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
@@ -250,6 +323,100 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ttl_hours(text: str) -> float:
+    """argparse type for --ttl-hours: more than 0, at most the registry's limit."""
+    limit = registry_const.MAX_INVITE_TTL_S / 3600
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = 0.0
+    if not 0 < hours <= limit:
+        raise argparse.ArgumentTypeError(f"must be a number of hours from 0 to {limit:g}")
+    return hours
+
+
+def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
+    """``network init``, ``invite``, ``revoke`` (operator) and ``join`` (facility)."""
+    n = sub.add_parser("network", help="create the network (operator)")
+    network_sub = n.add_subparsers(
+        dest="network_command", required=True, metavar="COMMAND", help="init"
+    )
+    init = network_sub.add_parser(
+        "init",
+        help="make the network CA, the registry's certificate and the network key",
+        description="Make a new network in DIR: CA key and certificate, the registry's key "
+        "and certificate, and the network pseudonymisation key (private files mode 0600, "
+        "folder 0700). Refuses a folder that already holds a network.",
+    )
+    init.add_argument(
+        "--dir", type=Path, required=True, metavar="DIR", help="the new network folder"
+    )
+    init.add_argument(
+        "--name", default="Transmural", help="the network's name (default %(default)s)"
+    )
+    i = sub.add_parser(
+        "invite",
+        help="print a one-time invite token for an organisation (operator)",
+        description="Record a one-time invite in the registry database and print its token "
+        "on stdout (nothing else). Give the token to the facility; it runs `join`.",
+    )
+    i.add_argument(
+        "--network-dir", type=Path, required=True, metavar="DIR", help="the network folder"
+    )
+    i.add_argument(
+        "--db", type=Path, required=True, metavar="REGISTRY_DB", help="the registry's database"
+    )
+    i.add_argument("--org-id", required=True, metavar="ID", help="organisation id (URA, AGB)")
+    i.add_argument("--org-name", required=True, metavar="NAME", help="organisation name")
+    i.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="the node's id, [a-z0-9-]{1,64} (default: derived from --org-id)",
+    )
+    i.add_argument(
+        "--registry",
+        default="",
+        metavar="JOIN_HOST:PORT",
+        help="the registry's join address, as facilities reach it "
+        "(default: none; join finds the registry on the LAN with zeroconf)",
+    )
+    i.add_argument(
+        "--ttl-hours",
+        type=_ttl_hours,
+        default=registry_const.DEFAULT_INVITE_TTL_S / 3600,
+        metavar="H",
+        help="hours the invite stays valid (default %(default)g)",
+    )
+    r = sub.add_parser(
+        "revoke",
+        help="revoke every certificate of an organisation (operator)",
+        description="Revoke the organisation's node certificates and drop its nodes from "
+        "the directory and index. The registry refuses them within a second; nodes "
+        "learn it from the registry.",
+    )
+    r.add_argument(
+        "--db", type=Path, required=True, metavar="REGISTRY_DB", help="the registry's database"
+    )
+    r.add_argument("--org-id", required=True, metavar="ID", help="the organisation to revoke")
+    j = sub.add_parser(
+        "join",
+        help="join a network with an invite token (facility)",
+        description="Make this node's key, have the registry sign its certificate and "
+        "receive the network key. Writes node.key, node.crt, ca.crt and network.key "
+        "into NODE_DIR; refuses a folder that already holds a joined node.",
+    )
+    j.add_argument("token", metavar="TOKEN", help="the invite token from the operator")
+    j.add_argument("--dir", type=Path, required=True, metavar="NODE_DIR", help="the node's folder")
+    j.add_argument(
+        "--discover-on",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="interface addresses to look for the registry on with zeroconf, when the "
+        "token carries no address (default 127.0.0.1)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -257,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(ingest(args.config, args.paths))
         if args.command == "consent":
             return asyncio.run(consent(args.config, args.identifier, args.allow))
+        if args.command == "network":
+            return network_init(args.dir, args.name)
+        if args.command == "invite":
+            return asyncio.run(invite(args))
+        if args.command == "revoke":
+            return asyncio.run(revoke(args.db, args.org_id))
+        if args.command == "join":
+            return asyncio.run(join(args.token, args.dir, args.discover_on))
         return run_devnet(args)
     except (TransmuralError, ProcessError) as error:
         print(f"transmural-admin: {error}", file=sys.stderr)

@@ -4,15 +4,16 @@
   transmural fetch IDENTIFIER --facility NODE --document ID [-o FILE]
 
 IDENTIFIER is a FHIR token ``system|value`` or a bare national identifier
-(the node's configured system, e.g. a BSN). The node is taken from
---node or TRANSMURAL_NODE; the clinician from --clinician-id/--name/--role
-or TRANSMURAL_CLINICIAN_ID / _NAME / _ROLE.
+(the node's configured system, e.g. a BSN). Your node's gateway address,
+your clinician token and the network CA come from --node/--token/--ca, from
+TRANSMURAL_NODE / TRANSMURAL_TOKEN / TRANSMURAL_CA, or from a client file
+(--config, TRANSMURAL_CONFIG, ~/.config/transmural/client.json).
 
 Exit codes: 0 the search ran (each facility's status is shown, refusals
 included) or the document was written; 1 no facility knows the patient, or
 the network said no to a fetch (not found, refused, a facility or the
 registry unreachable, checksum mismatch); 2 bad input; 3 your node is not
-reachable.
+reachable; 4 your token is not accepted (unknown or expired).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from tools.gateway_client import ClientError, Clinician, FacilityResult, GatewayClient, Holders
+from tools.client_settings import Overrides, node_access
+from tools.gateway_client import ClientError, FacilityResult, GatewayClient, Holders
 from tools.render import documents_table, facility_line, holders_line, search_json
 from transmural.process import OneLineParser
 
@@ -71,37 +73,51 @@ def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     The copies on the commands default to SUPPRESS, so a value given before
     the command is not overwritten by the command's own default.
     """
-    env = os.environ.get
 
-    def default(value: str | None) -> str | None:
+    def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
     parser.add_argument(
+        "--config",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="client file with node, node_id, ca_certificate and token "
+        "(default: $TRANSMURAL_CONFIG or ~/.config/transmural/client.json)",
+    )
+    parser.add_argument(
         "--node",
-        default=default(env("TRANSMURAL_NODE")),
-        help="your node's gateway, host:port (default: $TRANSMURAL_NODE)",
+        default=default(None),
+        metavar="HOST:PORT",
+        help="your node's gateway (default: $TRANSMURAL_NODE or the client file)",
     )
     parser.add_argument(
-        "--clinician-id",
-        default=default(env("TRANSMURAL_CLINICIAN_ID", "clinician")),
-        help="your clinician id, logged by every facility (default: $TRANSMURAL_CLINICIAN_ID)",
+        "--token",
+        default=default(None),
+        help="your clinician token (default: $TRANSMURAL_TOKEN or the client file)",
     )
     parser.add_argument(
-        "--name",
-        default=default(env("TRANSMURAL_CLINICIAN_NAME", "Clinician")),
-        help="your display name (default: $TRANSMURAL_CLINICIAN_NAME)",
+        "--ca",
+        dest="ca_certificate",
+        default=default(None),
+        metavar="FILE",
+        help="the network CA certificate (default: $TRANSMURAL_CA or the client file)",
     )
     parser.add_argument(
-        "--role",
-        default=default(env("TRANSMURAL_CLINICIAN_ROLE", "physician")),
-        help="your role code, e.g. physician, nurse, pharmacist (default: physician)",
+        "--node-id",
+        default=default(None),
+        help="your node's id, checked against its certificate (default: $TRANSMURAL_NODE_ID)",
     )
     parser.add_argument(
-        "--purpose",
-        default=default("treatment"),
-        choices=["treatment", "emergency"],
+        "--insecure-dev",
+        action="store_true",
+        default=default(False),
+        help="talk plain gRPC to a node run with --insecure-dev (development only)",
+    )
+    parser.add_argument(
+        "--purpose", default=default("treatment"), choices=["treatment", "emergency"],
         help="purpose of use (default: treatment)",
-    )
+    )  # fmt: skip
 
 
 def _deadline_ms(text: str) -> int:
@@ -144,8 +160,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    clinician = Clinician(args.clinician_id, args.name, args.role)
-    client = GatewayClient(args.node, clinician)
+    access = node_access(
+        Overrides(
+            config=args.config, node=args.node, token=args.token,
+            ca_certificate=args.ca_certificate, node_id=args.node_id,
+            insecure_dev=args.insecure_dev,
+        )
+    )  # fmt: skip
+    client = GatewayClient(access)
     try:
         if args.command == "search":
             results = await search(
@@ -208,12 +230,6 @@ def _check_output(target: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not args.node:
-        print(
-            "transmural: no node given: use --node HOST:PORT or set TRANSMURAL_NODE",
-            file=sys.stderr,
-        )
-        return 2
     try:
         if args.command == "fetch":
             _check_output(args.output)

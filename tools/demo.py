@@ -17,7 +17,7 @@ from typing import TextIO
 
 from tools.clinician import search
 from tools.devnet import DevNet, _national_identifier
-from tools.gateway_client import ClientError, Clinician, FacilityResult, GatewayClient
+from tools.gateway_client import ClientError, FacilityResult, GatewayClient
 from tools.spread import SpreadPlan
 from transmural.identifiers import BSN_SYSTEM, US_SSN_SYSTEM
 
@@ -56,10 +56,15 @@ def pick_patients(plan: SpreadPlan, system: str) -> DemoPicks:
 
 async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> str | None:
     """Run the scenario; None when it showed what it should, else what it missed."""
-    clinician = Clinician("demo-physician-1", "Dr. A. de Vries", "physician")
     home = net.configs[0]
-    print(f"\nThe clinician works at {home.node_id} ({home.organisation_name}).", file=out)
-    client = GatewayClient(net.node_address(0), clinician)
+    transport = "plain gRPC (--insecure-dev)" if net.insecure else "mutual TLS"
+    print(
+        f"\nA physician at {home.node_id} ({home.organisation_name}) signs in with the token "
+        f"in {net.node_dir(0) / 'client.json'}; the nodes talk {transport}, each call "
+        "carrying an assertion signed by the asking node.",
+        file=out,
+    )
+    client = GatewayClient(net.access(0))
     # One node cannot show a search across facilities; documents are the goal then.
     needed = min(2, len(net.configs))
     reached = False

@@ -1,11 +1,18 @@
 """A whole network on one machine: a registry and N nodes on loopback.
 
     workdir/
-      network.key            the network pseudonymisation key (0600)
+      network/               the operator's CA, registry certificate, network key
       network.json           where everything is, written once all is up
       source/                generated synthetic bundles (when no --data)
       registry/              registry.db, server.log
-      node-1/ ...            node.toml, node.db, bundles/, server.log, ingest.log
+      node-1/ ...            node.key, node.crt, ca.crt, network.key (from join),
+                             node.toml, node.db, bundles/, client.json (0600),
+                             server.log, ingest.log
+
+The network is created, invited and joined exactly as an operator and the
+facilities would (``transmural-admin network init``, ``invite``, ``join``),
+and every server talks mutual TLS; ``insecure=True`` (``--insecure-dev``)
+runs plain gRPC with one shared key file instead.
 
 The folder is made owner-only (0700) and the caller runs with umask 077
 (``tools.admin`` does), so nothing in it is readable by others.
@@ -19,7 +26,6 @@ patients, and the servers run as separate processes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import random
@@ -33,6 +39,12 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.store import NodeStore
+from node.users import Clinicians
+from registry import operator
+from registry.network import init_network
+from tools.client_settings import write_settings
+from tools.gateway_client import NodeAccess
+from tools.join import join
 from tools.spread import SpreadPlan, national_system, spread
 from tools.supervise import ProcessError, ServerProcess, start_server
 from tools.synthetic import generate
@@ -40,6 +52,7 @@ from transmural.errors import InvalidIdentifier
 from transmural.identifiers import canonical
 from transmural.pseudonym import new_network_key, write_network_key
 
+CLINICIAN_NAMES = ("Dr. A. de Vries", "Dr. B. Jansen", "Dr. C. Bakker", "Dr. D. Visser")
 #: Share of (patient, facility) pairs without consent to exchange.
 NO_CONSENT_SHARE = 0.15
 PUBLISH_TIMEOUT_S = 60.0
@@ -50,13 +63,35 @@ class DevNet:
     workdir: Path
     plan: SpreadPlan
     national_system: str
-    configs: list[NodeConfig]
+    insecure: bool
+    configs: list[NodeConfig] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
     consent: dict[tuple[str, int], bool] = field(default_factory=dict)
     registry: ServerProcess | None = None
     nodes: list[ServerProcess] = field(default_factory=list)
 
+    @property
+    def network_dir(self) -> Path:
+        return self.workdir / "network"
+
+    @property
+    def registry_db(self) -> Path:
+        return self.workdir / "registry" / "registry.db"
+
+    def node_dir(self, index: int) -> Path:
+        return self.workdir / f"node-{index + 1}"
+
     def node_address(self, index: int) -> str:
         return self.nodes[index].address
+
+    def gateway_address(self, index: int) -> str:
+        return str(self.nodes[index].ready["gateway_address"])
+
+    def access(self, index: int) -> NodeAccess:
+        """How node ``index``'s demo clinician reaches its gateway."""
+        config = self.configs[index]
+        ca = None if config.ca_certificate is None else config.ca_certificate.read_bytes()
+        return NodeAccess(self.gateway_address(index), self.tokens[index], ca, config.node_id)
 
     def stop(self) -> None:
         for server in [*self.nodes, *([self.registry] if self.registry else [])]:
@@ -67,12 +102,21 @@ def default_workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="transmural-devnet-"))
 
 
-def prepare(workdir: Path, nodes: int, data: Path | None, say: Callable[[str], None]) -> DevNet:
-    """Key, data spread over nodes, node configs, ingest and consent."""
+def prepare(
+    workdir: Path,
+    nodes: int,
+    data: Path | None,
+    say: Callable[[str], None],
+    insecure: bool = False,
+) -> DevNet:
+    """The network's keys, and the data spread over ``nodes`` facilities."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)  # a folder the user made may be 0755; patient data goes in
-    key_file = workdir / "network.key"
-    write_network_key(key_file, new_network_key())
+    if insecure:
+        write_network_key(workdir / "network.key", new_network_key())
+    else:
+        network = init_network(workdir / "network", "Transmural devnet")
+        say(f"network CA fingerprint {network.ca_fingerprint[:16]}… in {workdir / 'network'}")
     if data is None:
         data = workdir / "source"
         files = generate(data)
@@ -85,19 +129,7 @@ def prepare(workdir: Path, nodes: int, data: Path | None, say: Callable[[str], N
     say(
         f"spread {len(plan.patients)} patients over {nodes} facilities (identifier system {system})"
     )
-    configs = [
-        NodeConfig(
-            node_id=f"node-{i + 1}",
-            organisation_name=_facility_name(plan, i),
-            organisation_id=f"devnet-{i + 1}",
-            registry="127.0.0.1:1",  # replaced once the registry runs
-            database=d / "node.db",
-            network_key_file=key_file,
-            national_system=system,
-        )
-        for i, d in enumerate(node_dirs)
-    ]
-    return DevNet(workdir, plan, system, configs)
+    return DevNet(workdir, plan, system, insecure)
 
 
 def _facility_name(plan: SpreadPlan, index: int) -> str:
@@ -107,21 +139,74 @@ def _facility_name(plan: SpreadPlan, index: int) -> str:
 
 def start_registry(net: DevNet) -> None:
     folder = net.workdir / "registry"
+    trust = ["--insecure-dev"] if net.insecure else ["--network-dir", str(net.network_dir)]
     net.registry = start_server(
         "registry",
         "registry.cli",
-        ["--db", str(folder / "registry.db"), "--listen", "127.0.0.1:0"],
+        ["--db", str(net.registry_db), "--listen", "127.0.0.1:0",
+         "--join-listen", "127.0.0.1:0", *trust],
         folder,
-    )
+    )  # fmt: skip
     net.registry.wait_ready()
 
 
-def write_configs(net: DevNet) -> None:
+async def enrol(net: DevNet, say: Callable[[str], None]) -> None:
+    """Invite and join every facility (flow 2), then write each node.toml."""
     assert net.registry is not None
-    net.configs = [dataclasses.replace(c, registry=net.registry.address) for c in net.configs]
-    for config in net.configs:
-        folder = config.database.parent
+    for index in range(len(net.plan.nodes)):
+        folder = net.node_dir(index)
+        name = _facility_name(net.plan, index)
+        organisation_id = f"URA-{90000001 + index}"
+        if net.insecure:
+            config = NodeConfig(
+                node_id=f"node-{index + 1}", organisation_name=name,
+                organisation_id=organisation_id, registry=net.registry.address,
+                database=folder / "node.db", network_key_file=net.workdir / "network.key",
+                national_system=net.national_system, insecure_dev=True,
+            )  # fmt: skip
+        else:
+            token = await operator.invite(
+                net.network_dir, net.registry_db, organisation_id, name,
+                node_id=f"node-{index + 1}",
+                join_address=str(net.registry.ready["join_address"]),
+            )  # fmt: skip
+            joined = await join(token, folder)
+            say(f"{joined.node_id} joined as {name} ({organisation_id})")
+            config = NodeConfig(
+                node_id=joined.node_id, organisation_name=joined.organisation_name,
+                organisation_id=joined.organisation_id, registry=joined.registry_endpoint,
+                database=folder / "node.db", network_key_file=joined.paths.network_key,
+                certificate=joined.paths.node_cert, private_key=joined.paths.node_key,
+                ca_certificate=joined.paths.ca_cert, national_system=net.national_system,
+            )  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "node.toml").write_text(config.to_toml(folder))
+        net.configs.append(config)
+
+
+async def add_clinicians(net: DevNet) -> None:
+    """One clinician per facility; their tokens go into each client.json."""
+    for index, config in enumerate(net.configs):
+        store = await NodeStore.open(config.database)
+        try:
+            net.tokens.append(
+                await Clinicians(store).add(
+                    f"physician-{index + 1}", CLINICIAN_NAMES[index % len(CLINICIAN_NAMES)],
+                    "physician",
+                )
+            )  # fmt: skip
+        finally:
+            await store.close()
+
+
+def write_client_files(net: DevNet) -> None:
+    """Each node's client settings (gateway, CA, token), owner-only."""
+    for index, config in enumerate(net.configs):
+        access = net.access(index)
+        settings = {"node": access.address, "node_id": config.node_id, "token": access.token}
+        if config.ca_certificate is not None:
+            settings["ca_certificate"] = str(config.ca_certificate)
+        write_settings(net.node_dir(index) / "client.json", settings)
 
 
 def ingest_all(net: DevNet, say: Callable[[str], None]) -> None:
@@ -203,10 +288,9 @@ def start_nodes(net: DevNet) -> None:
     for config in net.configs:
         folder = config.database.parent
         net.nodes.append(
-            start_server(
-                config.node_id, "node.cli", ["--config", str(folder / "node.toml")], folder
-            )
-        )
+            start_server(config.node_id, "node.cli", ["--config", str(folder / "node.toml")],
+                         folder)
+        )  # fmt: skip
     for server in net.nodes:
         server.wait_ready()
 
@@ -233,37 +317,47 @@ def write_network_json(net: DevNet) -> Path:
     registry_dir = net.workdir / "registry"
     doc = {
         "workdir": str(net.workdir),
-        "network_key_file": str(net.workdir / "network.key"),
+        "transport": "insecure-dev (plain gRPC)" if net.insecure else "mutual TLS",
+        "network_dir": None if net.insecure else str(net.network_dir),
         "national_system": net.national_system,
         "registry": {
             "name": "registry",
             "address": net.registry.address,
+            "join_address": net.registry.ready.get("join_address"),
             "data_dir": str(registry_dir),
-            "database": str(registry_dir / "registry.db"),
+            "database": str(net.registry_db),
             "log": str(net.registry.log_file),
         },
-        "nodes": [
-            {
-                "name": config.node_id,
-                "organisation_name": config.organisation_name,
-                "address": server.address,
-                "data_dir": str(config.database.parent),
-                "database": str(config.database),
-                "config": str(config.database.parent / "node.toml"),
-                "log": str(server.log_file),
-                "client": {
-                    "TRANSMURAL_NODE": server.address,
-                    "national_system": net.national_system,
-                },
-            }
-            for config, server in zip(net.configs, net.nodes, strict=True)
-        ],
+        "nodes": [_node_entry(net, index) for index in range(len(net.configs))],
     }
     path = net.workdir / "network.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def _node_entry(net: DevNet, index: int) -> dict[str, object]:
+    config, server = net.configs[index], net.nodes[index]
+    folder = config.database.parent
+    return {
+        "name": config.node_id,
+        "organisation_name": config.organisation_name,
+        "organisation_id": config.organisation_id,
+        "address": server.address,
+        "gateway_address": net.gateway_address(index),
+        "data_dir": str(folder),
+        "database": str(config.database),
+        "config": str(folder / "node.toml"),
+        "log": str(server.log_file),
+        "client": {
+            "TRANSMURAL_CONFIG": str(folder / "client.json"),
+            "TRANSMURAL_NODE": net.gateway_address(index),
+            "TRANSMURAL_NODE_ID": config.node_id,
+            "TRANSMURAL_CA": str(config.ca_certificate or ""),
+            "national_system": net.national_system,
+        },
+    }
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import grpc
 
-from transmural import transport
+from transmural import pki, transport
 from transmural.status import from_server
 from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -41,11 +41,13 @@ class ClientError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Clinician:
-    clinician_id: str
-    display_name: str
-    role: str
-    organisation_id: str = ""
+class NodeAccess:
+    """How to reach and sign in to one's own node's gateway."""
+
+    address: str  # host:port of the node's gateway port
+    token: str  # the clinician's bearer token (transmural-admin user add)
+    ca_pem: bytes | None  # the network CA; None only for an --insecure-dev node
+    node_id: str = ""  # checked against the node's certificate when given
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,37 +99,29 @@ def split_token(text: str) -> common_pb2.PatientIdentifier:
 
 
 class GatewayClient:
-    """A connection to the clinician's own node."""
+    """A connection to the clinician's own node, signed in with a bearer token."""
 
-    def __init__(self, address: str, clinician: Clinician) -> None:
-        self.address = address
-        self._clinician = clinician
-        self._channel = transport.open_channel(address)
+    def __init__(self, access: NodeAccess) -> None:
+        self.address = access.address
+        tls = None if access.ca_pem is None else transport.TlsFiles(access.ca_pem)
+        server_name = pki.node_dns_name(access.node_id) if access.node_id else "localhost"
+        self._channel = transport.open_channel(access.address, tls, server_name)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {access.token}"),)
 
     async def close(self) -> None:
         await self._channel.close()
-
-    def _requester(self, purpose: str) -> common_pb2.Requester:
-        c = self._clinician
-        return common_pb2.Requester(
-            clinician_id=c.clinician_id,
-            display_name=c.display_name,
-            role=c.role,
-            organisation_id=c.organisation_id,
-            purpose_of_use=purpose,
-        )
 
     async def search(
         self, identifier: str, purpose: str = "treatment", deadline_ms: int = 0
     ) -> AsyncIterator[Holders | FacilityResult]:
         request = gateway_pb2.SearchRequest(
-            patient=split_token(identifier),
-            requester=self._requester(purpose),
-            deadline_ms=deadline_ms,
+            patient=split_token(identifier), purpose_of_use=purpose, deadline_ms=deadline_ms
         )
         try:
-            async for event in self._stub.Search(request, timeout=SEARCH_TIMEOUT_S):
+            async for event in self._stub.Search(
+                request, timeout=SEARCH_TIMEOUT_S, metadata=self._metadata
+            ):
                 if event.HasField("located"):
                     holders = event.located.holders
                     yield Holders(
@@ -153,11 +147,11 @@ class GatewayClient:
             patient=split_token(identifier),
             node_id=node_id,
             document_id=document_id,
-            requester=self._requester(purpose),
+            purpose_of_use=purpose,
         )
         digest, size, metadata = hashlib.sha256(), 0, None
         try:
-            async for chunk in self._stub.FetchDocument(request):
+            async for chunk in self._stub.FetchDocument(request, metadata=self._metadata):
                 if chunk.HasField("metadata") and metadata is None:
                     metadata = _document(chunk.metadata)
                 digest.update(chunk.data)
@@ -185,6 +179,8 @@ class GatewayClient:
                 return ClientError(f"cannot reach your node at {self.address}: is it running?", 3)
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            return ClientError(detail, 4)
         if code in (
             grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.PERMISSION_DENIED,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_TIMEOUT_S = 30.0
@@ -34,12 +34,14 @@ class ServerProcess:
     ready_file: Path
     log_file: Path
     address: str = ""
+    ready: dict[str, object] = field(default_factory=dict)  # all the ready file says
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ready_file.exists():
-                self.address = json.loads(self.ready_file.read_text())["address"]
+                self.ready = json.loads(self.ready_file.read_text())
+                self.address = str(self.ready["address"])
                 return self.address
             if self.process.poll() is not None:
                 raise ProcessError(

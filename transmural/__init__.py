@@ -7,3 +7,9 @@
 - ``errors``: the error hierarchy both servers map onto gRPC statuses.
 - ``clock``: the injectable clock.
 """
+
+import os as _os
+
+# grpc's core library writes every refused TLS handshake to stderr at INFO;
+# our servers log refusals themselves, once, in their own words.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

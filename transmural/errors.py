@@ -9,9 +9,19 @@ Anything else that escapes is a bug and goes out as INTERNAL without detail.
     │   ├── InvalidIdentifier       identifier fails its system's rules
     │   └── InvalidBundle           a FHIR bundle cannot be ingested
     ├── NotFound                    no such node, patient or document
-    ├── PermissionDenied            consent (or later: trust) says no
+    ├── PermissionDenied            consent (or trust) says no
+    ├── Unauthenticated             no, unknown or expired clinician token
     ├── Unavailable                 a dependency (registry, peer) is down
-    └── ConfigError                 a configuration file or flag is wrong
+    ├── ConfigError                 a configuration file or flag is wrong
+    ├── AssertionRejected           a peer refuses a requester assertion, one code each:
+    │   ├── InvalidAssertion          malformed payload               INVALID_ARGUMENT
+    │   ├── AssertionSignatureInvalid not signed by the caller's key  UNAUTHENTICATED
+    │   ├── AssertionIssuerMismatch   issuer or organisation not the  PERMISSION_DENIED
+    │   │                             caller's certificate
+    │   ├── AssertionWrongAudience    meant for another node          FAILED_PRECONDITION
+    │   ├── AssertionExpired          outside its validity time       OUT_OF_RANGE
+    │   └── AssertionReplayed         its nonce was already used      ALREADY_EXISTS
+    └── ReplayCacheFull             too many live nonces to check     RESOURCE_EXHAUSTED
 """
 
 from __future__ import annotations
@@ -44,9 +54,56 @@ class PermissionDenied(TransmuralError):
     grpc_code = "PERMISSION_DENIED"
 
 
+class Unauthenticated(TransmuralError):
+    """The caller could not be identified (no, unknown or expired token)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
 class Unavailable(TransmuralError):
     grpc_code = "UNAVAILABLE"
 
 
 class ConfigError(TransmuralError):
     grpc_code = "FAILED_PRECONDITION"
+
+
+# --- requester assertions (transmural/assertion.py) ---
+# Each refusal has its own status code so a caller (and its operator) can
+# tell from the status alone which check failed.
+
+
+class AssertionRejected(TransmuralError):
+    """Base of every reason a peer refuses a signed requester assertion."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class InvalidAssertion(AssertionRejected):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class AssertionSignatureInvalid(AssertionRejected):
+    grpc_code = "UNAUTHENTICATED"
+
+
+class AssertionIssuerMismatch(AssertionRejected):
+    grpc_code = "PERMISSION_DENIED"
+
+
+class AssertionWrongAudience(AssertionRejected):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class AssertionExpired(AssertionRejected):
+    grpc_code = "OUT_OF_RANGE"
+
+
+class AssertionReplayed(AssertionRejected):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class ReplayCacheFull(TransmuralError):
+    """The replay cache holds only unexpired nonces: the caller should retry shortly."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -66,11 +66,15 @@ def configure_logging(level: str, log_file: Path | None) -> None:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
-def write_ready_file(path: Path, address: str) -> None:
-    """Write the ready file so a reader never sees it half-written (tmp + rename)."""
+def write_ready_file(path: Path, address: str, **more: str) -> None:
+    """Write the ready file so a reader never sees it half-written (tmp + rename).
+
+    ``more`` adds the server's other addresses (e.g. ``join_address``).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}), encoding="utf-8")
+        text = json.dumps({"address": address, **more, "pid": os.getpid()})
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -78,19 +82,23 @@ def write_ready_file(path: Path, address: str) -> None:
 
 
 async def serve_until_signalled(
-    start: Callable[[], Awaitable[str]],
+    start: Callable[[], Awaitable[str | dict[str, str]]],
     stop: Callable[[], Awaitable[None]],
     ready_file: Path | None,
 ) -> None:
-    """Start, announce the address, wait for SIGINT/SIGTERM, stop, withdraw the address."""
+    """Start, announce the address(es), wait for SIGINT/SIGTERM, stop, withdraw them.
+
+    ``start`` returns the address, or a dict with ``address`` and others.
+    """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    address = await start()
+    started = await start()
+    addresses = {"address": started} if isinstance(started, str) else started
     try:
         if ready_file is not None:
-            await asyncio.to_thread(write_ready_file, ready_file, address)
+            await asyncio.to_thread(write_ready_file, ready_file, **addresses)
         await stopping.wait()
         logging.getLogger(__name__).info("stop requested")
     finally:

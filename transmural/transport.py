@@ -1,16 +1,25 @@
 """Channel and server credentials, in one place.
 
-This version speaks plain gRPC on loopback; the trust work swaps in mutual
-TLS here, and nowhere else. Both servers also get the standard health and
+Node<->node and node<->registry traffic is TLS 1.3 with certificates from
+the network CA on both sides; the registry's join port and a node's
+gateway port are TLS without client certificates (the invite secret and
+the clinician's bearer token authenticate those calls). Plain gRPC is only
+for ``--insecure-dev``. Servers also get the standard health and
 reflection services, so grpcurl and grpc-health-probe work against them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import grpc
+from cryptography.exceptions import InvalidSignature
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from transmural import pki
 from transmural.const import MAX_MESSAGE_BYTES
 from transmural.errors import ConfigError
 
@@ -27,23 +36,84 @@ SERVER_OPTIONS = [
 ]
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """A long-lived channel to a registry or node at ``host:port``."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM bytes of the network CA and of this process's certificate and key."""
+
+    ca_pem: bytes
+    cert_pem: bytes = b""
+    key_pem: bytes = b""
+
+    @classmethod
+    def load(cls, ca: Path, cert: Path | None = None, key: Path | None = None) -> TlsFiles:
+        """Read and check the files (ConfigError naming what is wrong)."""
+        ca_cert = pki.read_certificate(ca)
+        if cert is None or key is None:
+            return cls(pki.pem(ca_cert))
+        own = pki.read_certificate(cert)
+        private = pki.read_private_key(key)
+        if own.public_key() != private.public_key():
+            raise ConfigError(f"the private key {key} does not belong to the certificate {cert}")
+        try:
+            own.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ConfigError(f"the certificate {cert} was not issued by the CA in {ca}") from None
+        return cls(pki.pem(ca_cert), pki.pem(own), pki.key_pem(private))
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def open_channel(
+    target: str, tls: TlsFiles | None, server_name: str | None = None
+) -> grpc.aio.Channel:
+    """A long-lived channel to a registry or node at ``host:port``.
+
+    With ``tls`` the channel is TLS 1.3 and presents this process's
+    certificate when it has one; ``server_name`` is the DNS name the peer's
+    certificate must carry (a node's ``<id>.node.transmural``, the
+    registry's ``registry.transmural``), whatever address it is dialled at.
+    Without ``tls`` it is plain gRPC: ``--insecure-dev`` only.
+    """
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem,
+        private_key=tls.key_pem or None,
+        certificate_chain=tls.cert_pem or None,
+    )
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
-def bind(server: grpc.aio.Server, address: str) -> str:
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+
+
+def bind(
+    server: grpc.aio.Server,
+    address: str,
+    tls: TlsFiles | None,
+    client_certificates: bool = True,
+) -> str:
     """Bind ``address`` (port 0 picks a free one); returns the real ``host:port``.
 
-    ConfigError when the address is taken or not this machine's.
+    With ``tls`` the port speaks TLS with this process's certificate and,
+    when ``client_certificates``, refuses any client without a certificate
+    from the network CA (grpc checks chain and validity in the handshake).
+    Without ``tls`` the port is plain (``--insecure-dev``). ConfigError when
+    the address is taken or not this machine's.
     """
     host, _, _ = address.rpartition(":")
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)],
+                root_certificates=tls.ca_pem if client_certificates else None,
+                require_client_auth=client_certificates,
+            )
+            port = server.add_secure_port(address, credentials)
     except (OSError, RuntimeError):
         port = 0
     if port == 0:
@@ -68,3 +138,9 @@ def add_health_and_reflection(
 async def mark_serving(health_servicer: health.HealthServicer, service_names: list[str]) -> None:
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def health_check(channel: grpc.aio.Channel, timeout_s: float) -> None:
+    """One standard health check on ``channel``; raises AioRpcError if refused."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)

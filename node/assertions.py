@@ -1,0 +1,87 @@
+"""Requester assertions from this node's side: sign when asking, check when answering.
+
+Every Peer call carries an assertion signed with the asking node's key:
+who the clinician is, why they ask, for which patient (pseudonym) and for
+which facility (audience). The answering node believes nothing about the
+requester that is not in a verified assertion from the node whose
+certificate made the call. ``transmural.assertion`` holds the format and
+the checks; this module binds them to the node's key, id and clock.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from node import const
+from node.answers import Requester
+from transmural import assertion, pki
+from transmural.auth import Caller
+from transmural.clock import Clock
+from transmural.errors import InvalidInput, PermissionDenied
+
+
+class AssertionSigner:
+    """Signs the assertions this node sends, with its certificate's key."""
+
+    def __init__(
+        self,
+        node_id: str,
+        organisation_id: str,
+        private_key: ec.EllipticCurvePrivateKey | None,
+        clock: Clock,
+    ) -> None:
+        self._node_id = node_id
+        self._organisation_id = organisation_id
+        # --insecure-dev has no certificate: sign with a throwaway key, which
+        # an insecure peer does not check (it has no certificate to check by).
+        self._key = private_key or pki.new_private_key()
+        self._clock = clock
+
+    def sign(self, requester: Requester, pseudonym: bytes, audience: str) -> tuple[bytes, bytes]:
+        """(payload, signature) for one call to ``audience``."""
+        claim = assertion.new_assertion(
+            issuer=self._node_id,
+            organisation_id=self._organisation_id,
+            clinician_id=requester.clinician_id,
+            display_name=requester.display_name,
+            role=requester.role,
+            purpose_of_use=requester.purpose_of_use,
+            pseudonym=pseudonym,
+            audience=audience,
+            now=self._clock.now(),
+            lifetime_s=const.ASSERTION_LIFETIME_S,
+        )
+        return assertion.sign(claim, self._key)
+
+
+class AssertionCheck:
+    """Turns a peer's signed assertion into the requester this node answers."""
+
+    def __init__(self, verifier: assertion.AssertionVerifier | None, node_id: str) -> None:
+        self._verifier = verifier
+        self._node_id = node_id
+
+    def requester(
+        self, payload: bytes, signature: bytes, pseudonym: bytes, caller: Caller | None
+    ) -> Requester:
+        if not payload:
+            raise InvalidInput("the call carries no requester assertion")
+        if self._verifier is None:  # --insecure-dev: nothing to verify against
+            claim = _unverified(payload)
+        elif caller is None:
+            raise PermissionDenied("no verified certificate on this call")
+        else:
+            claim = self._verifier.verify(payload, signature, caller.identity, caller.public_key)
+        if claim.pseudonym != pseudonym:
+            raise PermissionDenied("the assertion was issued for another patient")
+        return Requester(
+            clinician_id=claim.clinician_id,
+            display_name=claim.display_name,
+            role=claim.role,
+            organisation_id=claim.organisation_id,
+            purpose_of_use=claim.purpose_of_use,
+        )
+
+
+def _unverified(payload: bytes) -> assertion.RequesterAssertion:
+    return assertion.parse(payload)

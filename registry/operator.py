@@ -1,0 +1,59 @@
+"""What the network operator does beside a running registry: invite and revoke.
+
+``transmural-admin invite`` and ``revoke`` (and devnet, which plays the
+operator) call these. They open the registry's own database file; SQLite's
+locking and ``BEGIN IMMEDIATE`` make that safe while the registry serves,
+and the registry picks a revocation up within ``REVOCATION_REFRESH_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from registry import const
+from registry.enrolment import Membership
+from registry.network import load_network
+from registry.store import RegistryStore
+from transmural.clock import Clock
+from transmural.errors import ConfigError
+
+
+async def invite(
+    network_dir: Path,
+    db: Path,
+    organisation_id: str,
+    organisation_name: str,
+    node_id: str | None = None,
+    join_address: str = "",
+    ttl_s: int = const.DEFAULT_INVITE_TTL_S,
+    clock: Clock | None = None,
+) -> str:
+    """Record a one-time invite in the registry database; returns the token text."""
+    network = await asyncio.to_thread(load_network, network_dir)
+    store = await _open_existing(db, clock)
+    try:
+        membership = Membership(store, ca_cert=network.ca_cert, clock=clock)
+        return await membership.create_invite(
+            organisation_id, organisation_name, node_id, join_address, ttl_s
+        )
+    finally:
+        await store.close()
+
+
+async def revoke(db: Path, organisation_id: str, clock: Clock | None = None) -> list[str]:
+    """Revoke every certificate of an organisation; the serials revoked now."""
+    store = await _open_existing(db, clock)
+    try:
+        return await Membership(store, clock=clock).revoke(organisation_id)
+    finally:
+        await store.close()
+
+
+async def _open_existing(db: Path, clock: Clock | None) -> RegistryStore:
+    """The registry's database; never a new empty one that the registry does not read."""
+    if not await asyncio.to_thread(db.is_file):
+        raise ConfigError(
+            f"there is no registry database {db}: give the --db the registry serves with"
+        )
+    return await RegistryStore.open(db, clock)
