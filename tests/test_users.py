@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from node.config import NodeConfig
 from node.store import NodeStore
 from node.users import Clinicians, token_hash
 from transmural.errors import InvalidInput, Unauthenticated
+from transmural.pseudonym import new_network_key, write_network_key
 
 
 class FakeClock:
@@ -77,3 +82,30 @@ async def test_bad_user_refused(
             await Clinicians(store, FakeClock()).add(user_id, name, role)
     finally:
         await store.close()
+
+
+def test_user_add_command_prints_a_working_token(tmp_path: Path) -> None:
+    write_network_key(tmp_path / "network.key", new_network_key())
+    config = NodeConfig(
+        node_id="node-1", organisation_name="Test", registry="127.0.0.1:1",
+        database=tmp_path / "node.db", network_key_file=tmp_path / "network.key",
+        insecure_dev=True,
+    )  # fmt: skip
+    (tmp_path / "node.toml").write_text(config.to_toml(tmp_path))
+    command = [sys.executable, "-m", "tools.admin", "user", "add", "--config",
+               str(tmp_path / "node.toml"), "--id", "dr.a", "--name", "Dr. A"]  # fmt: skip
+    ok = subprocess.run([*command, "--role", "nurse"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    token = ok.stdout.strip()
+    assert token.startswith("tmu1_") and "\n" not in token
+    bad = subprocess.run([*command, "--role", "king"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--role" in bad.stderr
+
+    async def check() -> str:
+        store = await NodeStore.open(tmp_path / "node.db")
+        try:
+            return (await Clinicians(store, FakeClock()).authenticate(token)).role
+        finally:
+            await store.close()
+
+    assert asyncio.run(check()) == "nurse"

@@ -7,6 +7,7 @@
   transmural-admin join TOKEN --dir NODE_DIR              a facility joins
   transmural-admin ingest --config NODE.toml PATH...   load FHIR bundles into a node
   transmural-admin consent --config NODE.toml IDENTIFIER --allow|--deny
+  transmural-admin user add --config NODE.toml --id ID --name NAME --role ROLE
   transmural-admin devnet [--nodes N] [--data DIR] [--workdir DIR] [--demo]
 
 Exit codes:
@@ -38,6 +39,7 @@ from registry.network import init_network
 from tools import demo as demo_scenario
 from tools import devnet
 from tools import join as joining
+from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
 from transmural.errors import InvalidBundle, TransmuralError
 from transmural.identifiers import parse_token
@@ -289,6 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     choice.add_argument("--allow", action="store_true", help="the patient consents to exchange")
     choice.add_argument("--deny", action="store_true", help="the patient refuses or withdraws")
     _add_membership_commands(sub)
+    add_user_commands(sub)
     d = sub.add_parser(
         "devnet",
         help="run a registry and N nodes on loopback",
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(revoke(args.db, args.org_id))
         if args.command == "join":
             return asyncio.run(join(args.token, args.dir, args.discover_on))
+        if args.command == "user":
+            return asyncio.run(add_user(args))
         return run_devnet(args)
     except (TransmuralError, ProcessError) as error:
         print(f"transmural-admin: {error}", file=sys.stderr)
