@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from node import const
 from node.answers import Requester
+from node.gateway import PURPOSES
+from node.users import ROLES, USER_ID
 from transmural import assertion, pki
 from transmural.auth import Caller
 from transmural.clock import Clock
@@ -74,6 +76,7 @@ class AssertionCheck:
             claim = self._verifier.verify(payload, signature, caller.identity, caller.public_key)
         if claim.pseudonym != pseudonym:
             raise PermissionDenied("the assertion was issued for another patient")
+        _check_claim(claim)
         return Requester(
             clinician_id=claim.clinician_id,
             display_name=claim.display_name,
@@ -81,6 +84,18 @@ class AssertionCheck:
             organisation_id=claim.organisation_id,
             purpose_of_use=claim.purpose_of_use,
         )
+
+
+def _check_claim(claim: assertion.RequesterAssertion) -> None:
+    """Refuse what a signed assertion may not say, whoever signed it."""
+    if claim.purpose_of_use not in PURPOSES:
+        raise PermissionDenied(
+            f"purpose of use {claim.purpose_of_use!r} is not one this node serves"
+        )
+    if claim.role not in ROLES:
+        raise PermissionDenied(f"role {claim.role!r} is not a clinical role this node answers")
+    if not USER_ID.fullmatch(claim.clinician_id) or not claim.display_name.isprintable():
+        raise InvalidInput("the assertion's clinician id or name has characters it may not have")
 
 
 def _unverified(payload: bytes) -> assertion.RequesterAssertion:

@@ -41,7 +41,11 @@ class RecordHolder:
             log.info("search %s: consent denied for %s", correlation_id, requester.clinician_id)
             return HolderAnswer(Status.CONSENT_DENIED)
         documents = await self._store.documents_of(patient.patient_key)
-        log.info("search %s: %d documents", correlation_id, len(documents))
+        log.info(
+            "search %s: %d documents to %s (%s, %s, %s)", correlation_id, len(documents),
+            requester.clinician_id, requester.role, requester.organisation_id,
+            requester.purpose_of_use,
+        )  # fmt: skip
         return HolderAnswer(Status.OK, documents)
 
     async def open_document(
@@ -58,7 +62,10 @@ class RecordHolder:
         document = await self._store.document(patient.patient_key, document_id)
         if document is None:
             raise NotFound(f"no document {document_id!r} for this patient here")
-        log.info("fetch %s: document %s", correlation_id, document_id)
+        log.info(
+            "fetch %s: document %s to %s (%s, %s)", correlation_id, document_id,
+            requester.clinician_id, requester.organisation_id, requester.purpose_of_use,
+        )  # fmt: skip
         return document, self._store.document_chunks(document_id)
 
     async def _patient(self, pseudonym: bytes) -> PatientRecord | None:

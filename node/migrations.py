@@ -125,4 +125,13 @@ CREATE TABLE users (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+_V3 = """
+-- The registry's revocation list, as last fetched: a node restarted while
+-- the registry is down must still refuse revoked peers.
+CREATE TABLE revoked_certificates (
+    serial      TEXT PRIMARY KEY,
+    recorded_at TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]

@@ -3,8 +3,9 @@
 grpc's Python credentials take no revocation list, so the peer port's
 interceptor asks this list on every call. The node pulls it from the
 registry at start and every REVOCATION_POLL_S, so a revoked node is refused
-within that interval. While the registry cannot be reached the last list
-stays in force.
+within that interval. The last list fetched is kept in the node's database:
+while the registry cannot be reached, even across a restart, it stays in
+force.
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ class RevocationSource(Protocol):
     async def revoked_serials(self) -> set[str]: ...
 
 
-class RevocationList:
-    """The serials this node refuses, refreshed from the registry."""
+class RevokedSerialStore(Protocol):
+    async def revoked_serials(self) -> set[str]: ...
 
-    def __init__(self, source: RevocationSource) -> None:
+    async def replace_revoked_serials(self, serials: set[str]) -> None: ...
+
+
+class RevocationList:
+    """The serials this node refuses, refreshed from the registry, kept on disk."""
+
+    def __init__(self, source: RevocationSource, store: RevokedSerialStore) -> None:
         self._source = source
+        self._store = store
         self._serials: frozenset[str] = frozenset()
         self._failing = False
+
+    async def load(self) -> None:
+        """Start from the list kept at the last refresh."""
+        self._serials = frozenset(await self._store.revoked_serials())
 
     def is_revoked(self, identity: CertificateIdentity) -> bool:
         return identity.serial in self._serials
@@ -49,6 +61,7 @@ class RevocationList:
         self._failing = False
         if serials != self._serials:
             log.info("%d revoked certificates", len(serials))
+            await self._store.replace_revoked_serials(serials)
         self._serials = frozenset(serials)
 
     async def run(self) -> None:

@@ -98,7 +98,8 @@ class NodeServer:
         self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
         self._registry = RegistryLink(config.registry, tls)
-        self._revocations = RevocationList(self._registry)
+        self._revocations = RevocationList(self._registry, self._store)
+        await self._revocations.load()
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
         self._peers = PeerChannels(tls, signer)
         gateway = Gateway(

@@ -7,6 +7,7 @@ Every method goes through ``maps_errors``, the one error boundary.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,9 +26,11 @@ from transmural.auth import current_caller
 from transmural.const import DOCUMENT_CHUNK_BYTES
 from transmural.errors import InvalidInput
 from transmural.identifiers import Identifier, canonical
+from transmural.pseudonym import is_pseudonym
 from transmural.status import maps_errors
 from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, peer_pb2, peer_pb2_grpc
 
+CORRELATION_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 PEER_SERVICE = "transmural.v1.Peer"
 GATEWAY_SERVICE = "transmural.v1.Gateway"
 
@@ -39,14 +42,20 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self._holder = holder
         self._check = check
 
-    def _requester(self, signed: common_pb2.SignedAssertion, pseudonym: bytes) -> Requester:
+    def _requester(
+        self, signed: common_pb2.SignedAssertion, pseudonym: bytes, correlation_id: str
+    ) -> Requester:
+        if not is_pseudonym(pseudonym):
+            raise InvalidInput("pseudonym must be 32 bytes")
+        if not CORRELATION_ID.fullmatch(correlation_id):
+            raise InvalidInput("correlation id must be 1 to 64 characters of [0-9a-zA-Z-]")
         return self._check.requester(signed.payload, signed.signature, pseudonym, current_caller())
 
     @maps_errors
     async def FindDocuments(
         self, request: peer_pb2.FindDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.FindDocumentsResponse:
-        requester = self._requester(request.assertion, request.pseudonym)
+        requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
         answer = await self._holder.find_documents(
             request.pseudonym, requester, request.correlation_id
         )
@@ -59,7 +68,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     async def FetchDocument(
         self, request: peer_pb2.FetchDocumentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
-        requester = self._requester(request.assertion, request.pseudonym)
+        requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
         document, chunks = await self._holder.open_document(
             request.pseudonym, request.document_id, requester, request.correlation_id
         )

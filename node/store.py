@@ -230,6 +230,22 @@ class NodeStore:
 
     # --- ingest ---
 
+    # --- revocations ---
+
+    async def revoked_serials(self) -> set[str]:
+        rows = await self._db.fetch("SELECT serial FROM revoked_certificates")
+        return {row[0] for row in rows}
+
+    async def replace_revoked_serials(self, serials: set[str]) -> None:
+        """Keep exactly ``serials`` (the registry's current list)."""
+        now = self._now()
+        async with self._db.transaction("replace_revoked_serials") as db:
+            await db.execute("DELETE FROM revoked_certificates")
+            await db.executemany(
+                "INSERT INTO revoked_certificates (serial, recorded_at) VALUES (?, ?)",
+                [(serial, now) for serial in sorted(serials)],
+            )
+
     # --- clinicians ---
 
     async def put_user(self, user: UserRecord, token_hash: bytes) -> None:

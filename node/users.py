@@ -19,7 +19,7 @@ from transmural.clock import Clock, SystemClock
 from transmural.errors import InvalidInput, Unauthenticated
 
 #: Role codes a clinician may have (what a peer's consent rules can refer to).
-ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherapist", "admin")
+ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherapist")
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 TOKEN_PREFIX = "tmu1_"
 DEFAULT_TOKEN_DAYS = 90

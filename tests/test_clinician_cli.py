@@ -94,6 +94,7 @@ async def test_fetch_to_stdout_and_to_missing_folder(
     code, _, err = await transmural(*fetch, "-o", str(written))
     assert code == 0, err
     assert written.stat().st_size == document["size"]
+    assert written.stat().st_mode & 0o077 == 0, "a fetched document is patient data: owner-only"
     assert not (tmp_path / "note.txt.part").exists()
 
 
@@ -119,6 +120,8 @@ async def test_missing_token_or_ca_is_a_clear_error(network: NetworkFactory) -> 
     assert code == 2 and "no clinician token" in err
     code, _, err = await transmural(*flags[:4], "search", "111222333")
     assert code == 2 and "no network CA" in err
+    code, _, err = await transmural(*flags[:6], "search", "111222333")
+    assert code == 2 and "no node id" in err
 
 
 async def test_gateway_refuses_a_client_trusting_another_ca(

@@ -16,7 +16,9 @@ from node.users import DEFAULT_TOKEN_DAYS, ROLES, Clinicians
 
 def add_user_commands(sub: argparse._SubParsersAction) -> None:
     users = sub.add_parser("user", help="clinician accounts on a node")
-    actions = users.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    actions = users.add_subparsers(
+        dest="user_command", required=True, metavar="ACTION", help="what to do: add"
+    )
     add = actions.add_parser(
         "add",
         help="add a clinician (or issue them a new token) and print the token",

@@ -63,6 +63,13 @@ def node_access(given: Overrides) -> NodeAccess:
     if not given.insecure_dev:
         if not values.get("ca_certificate"):
             raise ClientError("no network CA: use --ca FILE, TRANSMURAL_CA or --config", 2)
+        if not values.get("node_id"):
+            # Without it any member of the network would pass the TLS check,
+            # and the token would go to whichever node answers at that address.
+            raise ClientError(
+                "no node id: use --node-id, TRANSMURAL_NODE_ID or --config, so the client can "
+                "check it talks to your own node before it sends your token", 2,
+            )  # fmt: skip
         ca_pem = _read_ca(Path(values["ca_certificate"]).expanduser())
     return NodeAccess(values["node"], values["token"], ca_pem, values.get("node_id", ""))
 

@@ -192,7 +192,9 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
     target: Path = args.output
     partial = target.with_name(target.name + ".part")
     try:
-        with partial.open("wb") as handle:
+        # Patient data: owner-only from the first byte.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
             meta = await client.fetch(
                 args.identifier, args.facility, args.document, handle, args.purpose
             )

@@ -176,7 +176,10 @@ class GatewayClient:
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return ClientError(f"your node at {self.address} did not answer in time", 3)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                return ClientError(f"cannot reach your node at {self.address}: is it running?", 3)
+                return ClientError(
+                    f"cannot reach your node at {self.address}: is it running, and are the "
+                    "network CA and node id right?", 3,
+                )  # fmt: skip
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
         if code is grpc.StatusCode.UNAUTHENTICATED:

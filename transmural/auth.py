@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -26,6 +28,7 @@ from transmural import pki
 
 log = logging.getLogger(__name__)
 
+NODE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 #: Methods any TLS client may call without a certificate check here.
 UNCHECKED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -59,11 +62,26 @@ def caller_from_context(context: grpc.aio.ServicerContext) -> Caller | None:
     return _parse(values[0]) if values else None
 
 
+def is_node_certificate(identity: pki.CertificateIdentity) -> bool:
+    """A facility node's certificate: a node id and an organisation id.
+
+    The registry's own certificate (CN registry.transmural, no organisation)
+    is from the same CA but must never act as a node.
+    """
+    return bool(
+        identity.organisation_id
+        and identity.node_id
+        and identity.node_id != pki.REGISTRY_DNS_NAME
+        and NODE_ID.fullmatch(identity.node_id)
+    )
+
+
 class CertificateInterceptor(grpc.aio.ServerInterceptor):
     """Refuse calls without a certificate or with a revoked one; expose the caller."""
 
     def __init__(self, is_revoked: Callable[[pki.CertificateIdentity], bool]) -> None:
         self._is_revoked = is_revoked
+        self._warned: set[str] = set()  # revoked callers already logged at WARNING
 
     async def intercept_service(
         self,
@@ -93,8 +111,26 @@ class CertificateInterceptor(grpc.aio.ServerInterceptor):
         if caller is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         assert caller is not None
+        if not is_node_certificate(caller.identity):
+            log.warning("refused %s: certificate %r is not a facility node's", method,
+                        caller.identity.node_id)  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "only facility nodes may call this service (the certificate names no node "
+                "and organisation)",
+            )
+        if caller.identity.not_after <= datetime.now(UTC):
+            # TLS checked validity when the connection opened; it may have
+            # outlived the certificate since.
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the certificate of node {caller.identity.node_id} has expired",
+            )
         if self._is_revoked(caller.identity):
-            log.warning("refused %s: certificate of %s is revoked", method, caller.identity.node_id)
+            node_id = caller.identity.node_id
+            level = logging.DEBUG if node_id in self._warned else logging.WARNING
+            self._warned.add(node_id)
+            log.log(level, "refused %s: certificate of %s is revoked", method, node_id)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"the certificate of node {caller.identity.node_id} has been revoked",

@@ -19,7 +19,9 @@ ConfigError naming the file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -77,6 +79,10 @@ class Database:
             connection = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open {owner} database {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open {owner} database {path}: {exc.strerror or exc}"
+            ) from exc
         database = cls(connection, clock, path, owner)
         try:
             await database._configure(busy_timeout_ms)
@@ -182,4 +188,11 @@ def statements(script: str) -> list[str]:
 
 
 def _try_open(path: str) -> None:
+    """Create a new file owner-only (it holds patient data or tokens), then open it.
+
+    SQLite gives its -wal and -shm files the database file's permissions.
+    """
+    if path != ":memory:" and not os.path.exists(path):
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     sqlite3.connect(path).close()

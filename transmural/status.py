@@ -35,6 +35,10 @@ ERROR_ORIGIN_KEY = "transmural-error"
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, TransmuralError):
+        # The message may quote what the caller sent (e.g. an invalid BSN):
+        # only the kind of refusal is logged above DEBUG.
+        log.info("refused %s: %s", method, type(exc).__name__)
+        log.debug("refused %s: %s", method, exc)
         context.set_trailing_metadata(((ERROR_ORIGIN_KEY, type(exc).__name__),))
         await context.abort(grpc_code(exc), str(exc))
     log.error("unexpected error in %s", method, exc_info=exc)
