@@ -5,6 +5,11 @@
                           [--node-id ID] [--registry HOST:PORT] [--ttl-hours H]
   transmural-admin revoke --db REGISTRY_DB --org-id ID
   transmural-admin join TOKEN --dir NODE_DIR              a facility joins
+  transmural-admin bootstrap registry --data DIR --join-address HOST:PORT
+                          [--invite NODE_ID:ORG_ID:ORG_NAME ...] [--invites-dir DIR]
+  transmural-admin bootstrap node --data DIR [--token-file FILE] [--national-system URI]
+                          [--listen HOST:PORT] [--gateway-listen HOST:PORT]
+                          first start (init/invite, join), kept on a restart
   transmural-admin ingest --config NODE.toml PATH...   load FHIR bundles into a node
   transmural-admin consent --config NODE.toml IDENTIFIER --allow|--deny
   transmural-admin user add --config NODE.toml --id ID --name NAME --role ROLE
@@ -15,8 +20,8 @@ Exit codes:
   1    ingest: some file was refused (each is named); consent: no such
        patient at this node; revoke: nothing left to revoke; devnet: a
        server exited while running, or the demo missed its goal
-  2    bad usage, configuration or input; invite, join: refused (the
-       message says why); devnet: a server did not start
+  2    bad usage, configuration or input; invite, join, bootstrap: refused
+       (the message says why); devnet: a server did not start
   130  interrupted (Ctrl-C) before devnet was up
 """
 
@@ -36,8 +41,8 @@ from node.store import NodeStore
 from registry import const as registry_const
 from registry import operator
 from registry.network import init_network
+from tools import bootstrap, devnet
 from tools import demo as demo_scenario
-from tools import devnet
 from tools import join as joining
 from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
@@ -291,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     choice.add_argument("--allow", action="store_true", help="the patient consents to exchange")
     choice.add_argument("--deny", action="store_true", help="the patient refuses or withdraws")
     _add_membership_commands(sub)
+    bootstrap.add_commands(sub)
     add_user_commands(sub)
     d = sub.add_parser(
         "devnet",
@@ -435,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(revoke(args.db, args.org_id))
         if args.command == "join":
             return asyncio.run(join(args.token, args.dir, args.discover_on))
+        if args.command == "bootstrap":
+            return asyncio.run(bootstrap.run(args, say))
         if args.command == "user":
             return asyncio.run(add_user(args))
         return run_devnet(args)

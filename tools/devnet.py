@@ -42,9 +42,9 @@ from node.store import NodeStore
 from node.users import Clinicians
 from registry import operator
 from registry.network import init_network
+from tools.bootstrap import ensure_joined, write_node_config
 from tools.client_settings import write_settings
 from tools.gateway_client import NodeAccess
-from tools.join import join
 from tools.spread import SpreadPlan, national_system, spread
 from tools.supervise import ProcessError, ServerProcess, start_server
 from tools.synthetic import generate
@@ -164,23 +164,16 @@ async def enrol(net: DevNet, say: Callable[[str], None]) -> None:
                 database=folder / "node.db", network_key_file=net.workdir / "network.key",
                 national_system=net.national_system, insecure_dev=True,
             )  # fmt: skip
+            write_node_config(folder, config)
         else:
             token = await operator.invite(
                 net.network_dir, net.registry_db, organisation_id, name,
                 node_id=f"node-{index + 1}",
                 join_address=str(net.registry.ready["join_address"]),
             )  # fmt: skip
-            joined = await join(token, folder)
-            say(f"{joined.node_id} joined as {name} ({organisation_id})")
-            config = NodeConfig(
-                node_id=joined.node_id, organisation_name=joined.organisation_name,
-                organisation_id=joined.organisation_id, registry=joined.registry_endpoint,
-                database=folder / "node.db", network_key_file=joined.paths.network_key,
-                certificate=joined.paths.node_cert, private_key=joined.paths.node_key,
-                ca_certificate=joined.paths.ca_cert, national_system=net.national_system,
-            )  # fmt: skip
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "node.toml").write_text(config.to_toml(folder))
+            # The same first-start step as a container's (compose/entrypoint.sh).
+            config = await ensure_joined(folder, token, national_system=net.national_system)
+            say(f"{config.node_id} joined as {name} ({organisation_id})")
         net.configs.append(config)
 
 
