@@ -36,6 +36,7 @@ class NodeConfig:
     organisation_id: str = ""
     listen: str = "127.0.0.1:0"
     gateway_listen: str = "127.0.0.1:0"
+    advertise: str = ""
     certificate: Path | None = None
     private_key: Path | None = None
     ca_certificate: Path | None = None
@@ -50,6 +51,8 @@ class NodeConfig:
             )
         if not self.organisation_name.strip():
             raise ConfigError("organisation_name is empty")
+        if self.advertise and not _is_address(self.advertise):
+            raise ConfigError(f"advertise {self.advertise!r} is not host:port")
         for name in ("listen", "gateway_listen", "registry"):
             if not _is_address(getattr(self, name)):
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not host:port")
@@ -106,7 +109,7 @@ class NodeConfig:
         lines = []
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if value is None:
+            if value is None or value == "":
                 continue
             if isinstance(value, Path):
                 value = str(value.relative_to(base) if value.is_relative_to(base) else value)

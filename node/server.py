@@ -110,8 +110,11 @@ class NodeServer:
         await self._serve_gateway(tls, gateway)
         if tls is not None:
             await self._check_client_certificates_required(tls)
+        # The registry hands peers this address: the bound one, unless the
+        # node listens on 0.0.0.0 behind a name or NAT and says how to dial it.
+        endpoint = config.advertise or self._address
         facility = Facility(
-            config.node_id, config.organisation_name, config.organisation_id, self._address
+            config.node_id, config.organisation_name, config.organisation_id, endpoint
         )
         self._publisher = IndexPublisher(self._store, self._registry, facility, self.clock)
         await self._revocations.refresh()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from node.registry_link import RegistryLink
 from node.server import NodeServer
-from tests.conftest import NetworkFactory, start_silent_peer
+from tests.conftest import NetworkFactory, node_tls, start_silent_peer
 from tests.test_search import bsn_of
 from tools.gateway_client import ClientError
 from transmural.errors import ConfigError
@@ -67,3 +68,24 @@ async def test_fetch_from_a_frozen_facility_fails_within_the_deadline(
         await hung.stop(0)
     assert caught.value.exit_code == 1
     assert elapsed < 3.0
+
+
+async def test_registry_lists_the_advertised_address(
+    network: NetworkFactory, tmp_path: Path
+) -> None:
+    net = await network(n=1)
+    first = net.nodes[0]
+    await first.stop(0)
+    advertised = dataclasses.replace(first.config, advertise="node-1.example.org:7100")
+    node = NodeServer(advertised)
+    await node.start()
+    net.nodes[0] = node
+    await node.publisher.publish_pending()
+    link = RegistryLink(net.registry.address, node_tls(advertised))
+    try:
+        listed = {f.node_id: f.endpoint for f in await link.list_nodes()}
+    finally:
+        await link.close()
+    assert listed["node-1"] == "node-1.example.org:7100"
+    with pytest.raises(ConfigError, match="advertise"):
+        dataclasses.replace(advertised, advertise="no-port")

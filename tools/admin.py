@@ -43,11 +43,10 @@ from registry import operator
 from registry.network import init_network
 from tools import bootstrap, devnet
 from tools import demo as demo_scenario
-from tools import join as joining
 from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
-from transmural.errors import InvalidBundle, TransmuralError
-from transmural.identifiers import parse_token
+from transmural.errors import ConfigError, InvalidBundle, TransmuralError
+from transmural.identifiers import BSN_SYSTEM, parse_token
 from transmural.process import OneLineParser
 from transmural.pseudonym import Pseudonymiser, read_network_key
 
@@ -181,12 +180,19 @@ async def revoke(db: Path, organisation_id: str) -> int:
     return 0
 
 
-async def join(token: str, folder: Path, discover_on: list[str]) -> int:
-    joined = await joining.join(token, folder, discover_on or None)
-    say(f"joined as node {joined.node_id}")
-    say(f"organisation: {joined.organisation_name} ({joined.organisation_id})")
-    say(f"registry: {joined.registry_endpoint}")
-    say(f"key, certificate, CA and network key written to {folder}")
+async def join(args: argparse.Namespace) -> int:
+    """Join and write node.toml: the same first-start path as devnet and compose."""
+    folder: Path = args.dir
+    if await asyncio.to_thread(bootstrap.is_joined, folder):
+        raise ConfigError(f"{folder} already holds a joined node; use another --dir")
+    config = await bootstrap.ensure_joined(
+        folder, args.token, national_system=args.national_system, listen=args.listen,
+        gateway_listen=args.gateway_listen, discover_on=args.discover_on or None,
+    )  # fmt: skip
+    say(f"joined as node {config.node_id}")
+    say(f"organisation: {config.organisation_name} ({config.organisation_id})")
+    say(f"registry: {config.registry}")
+    say(f"key, certificate, CA, network key and node.toml written to {folder}")
     return 0
 
 
@@ -411,8 +417,8 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "join",
         help="join a network with an invite token (facility)",
         description="Make this node's key, have the registry sign its certificate and "
-        "receive the network key. Writes node.key, node.crt, ca.crt and network.key "
-        "into NODE_DIR; refuses a folder that already holds a joined node.",
+        "receive the network key. Writes node.key, node.crt, ca.crt, network.key and "
+        "node.toml into NODE_DIR; refuses a folder that already holds a joined node.",
     )
     j.add_argument("token", metavar="TOKEN", help="the invite token from the operator")
     j.add_argument("--dir", type=Path, required=True, metavar="NODE_DIR", help="the node's folder")
@@ -424,6 +430,20 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         help="interface addresses to look for the registry on with zeroconf, when the "
         "token carries no address (default 127.0.0.1)",
     )
+    j.add_argument(
+        "--national-system",
+        default=BSN_SYSTEM,
+        help="identifier system of the national patient id (default: BSN)",
+    )
+    j.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="peer port, host:port, written to node.toml (default 127.0.0.1:0)",
+    )
+    j.add_argument(
+        "--gateway-listen", default="127.0.0.1:0",
+        help="clinicians' port, host:port, written to node.toml (default 127.0.0.1:0)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "revoke":
             return asyncio.run(revoke(args.db, args.org_id))
         if args.command == "join":
-            return asyncio.run(join(args.token, args.dir, args.discover_on))
+            return asyncio.run(join(args))
         if args.command == "bootstrap":
             return asyncio.run(bootstrap.run(args, say))
         if args.command == "user":
