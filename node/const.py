@@ -11,8 +11,9 @@ FETCH_DEADLINE_S = 120.0
 
 #: How often a node pulls the registry's list of revoked certificates.
 REVOCATION_POLL_S = 5.0
-#: Warn this long before the node's own certificate expires.
+#: Warn this long before the node's own certificate expires, and this often.
 CERTIFICATE_WARNING_DAYS = 30
+CERTIFICATE_CHECK_INTERVAL_S = 12 * 3600.0
 #: Lifetime of a requester assertion this node signs (peers accept up to 300 s).
 ASSERTION_LIFETIME_S = 120
 

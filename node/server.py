@@ -57,6 +57,7 @@ class NodeServer:
         self._publisher: IndexPublisher | None = None
         self._revocations: RevocationList | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._own: pki.CertificateIdentity | None = None
 
     @property
     def address(self) -> str:
@@ -121,6 +122,7 @@ class NodeServer:
         self._tasks = [
             asyncio.create_task(self._publisher.run(), name="index-publisher"),
             asyncio.create_task(self._revocations.run(), name="revocation-poller"),
+            asyncio.create_task(self._watch_certificate(), name="certificate-watch"),
         ]
         log.info(
             "node %s serving peers on %s, clinicians on %s%s",
@@ -141,6 +143,7 @@ class NodeServer:
                 f"not {config.node_id}'s"
             )
         self._warn_if_expiring(own)
+        self._own = own
         return tls, pki.read_private_key(config.private_key)
 
     def _warn_if_expiring(self, own: pki.CertificateIdentity) -> None:
@@ -152,6 +155,15 @@ class NodeServer:
                 "this node's certificate expires on %s (in %d days): renew it",
                 f"{own.not_after:%Y-%m-%d}", left.days,
             )  # fmt: skip
+
+    async def _watch_certificate(self) -> None:
+        """Repeat the expiry warning while the node runs (nodes run for months)."""
+        while self._own is not None:
+            await asyncio.sleep(const.CERTIFICATE_CHECK_INTERVAL_S)
+            try:
+                self._warn_if_expiring(self._own)
+            except ConfigError as expired:
+                log.error("%s: peers now refuse this node", expired)
 
     async def _serve_peers(self, tls: transport.TlsFiles | None, check: AssertionCheck) -> None:
         assert self._store is not None and self._revocations is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from node.server import NodeServer
 from tests.conftest import NetworkFactory, node_tls, start_silent_peer
 from tests.test_search import bsn_of
 from tools.gateway_client import ClientError
+from transmural import pki
 from transmural.errors import ConfigError
 from transmural.identifiers import BSN_SYSTEM, canonical
 
@@ -89,3 +91,25 @@ async def test_registry_lists_the_advertised_address(
     assert listed["node-1"] == "node-1.example.org:7100"
     with pytest.raises(ConfigError, match="advertise"):
         dataclasses.replace(advertised, advertise="no-port")
+
+
+async def test_warns_when_its_certificate_expires_soon(
+    network: NetworkFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = await network(n=1)
+    node = net.nodes[0]
+    await node.stop(0)
+    config = node.config
+    assert net.registry.network and config.certificate and config.private_key
+    key = pki.read_private_key(config.private_key)
+    network_files = net.registry.network
+    short = pki.issue_node_certificate(
+        network_files.ca_key, network_files.ca_cert, pki.make_csr(key, config.node_id),
+        config.node_id, config.organisation_id, config.organisation_name, days=10,
+    )  # fmt: skip
+    pki.write_certificate(config.certificate, short)
+    restarted = NodeServer(config)
+    with caplog.at_level(logging.WARNING, logger="node.server"):
+        await restarted.start()
+    net.nodes[0] = restarted
+    assert any("expires on" in r.getMessage() and "renew" in r.getMessage() for r in caplog.records)
