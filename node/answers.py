@@ -32,6 +32,9 @@ class Requester:
     role: str
     organisation_id: str
     purpose_of_use: str
+    reason: str = ""  # break-the-glass: why, with purpose "emergency"
+    on_behalf_of: str = ""  # the responsible user, when the clinician acts for another
+    organisation_category: str = ""  # hospital, gp, ...: from the caller's certificate
 
 
 @dataclass(frozen=True, slots=True)

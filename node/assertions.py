@@ -52,6 +52,8 @@ class AssertionSigner:
             audience=audience,
             now=self._clock.now(),
             lifetime_s=const.ASSERTION_LIFETIME_S,
+            reason=requester.reason,
+            on_behalf_of=requester.on_behalf_of,
         )
         return assertion.sign(claim, self._key)
 
@@ -83,6 +85,9 @@ class AssertionCheck:
             role=claim.role,
             organisation_id=claim.organisation_id,
             purpose_of_use=claim.purpose_of_use,
+            reason=claim.reason,
+            on_behalf_of=claim.on_behalf_of,
+            organisation_category="" if caller is None else caller.identity.organisation_category,
         )
 
 

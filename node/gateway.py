@@ -28,6 +28,7 @@ from transmural.pseudonym import Pseudonymiser
 log = logging.getLogger(__name__)
 
 PURPOSES = ("treatment", "emergency")
+MAX_TEXT = 500
 
 
 class HolderIndex(Protocol):
@@ -164,3 +165,8 @@ def check_requester(requester: Requester) -> None:
         raise InvalidInput(
             f"purpose of use must be one of {', '.join(PURPOSES)}, not {requester.purpose_of_use!r}"
         )
+    if requester.purpose_of_use == "emergency" and not requester.reason.strip():
+        raise InvalidInput("an emergency (break-the-glass) request must give a reason")
+    for text, what in ((requester.reason, "reason"), (requester.on_behalf_of, "on behalf of")):
+        if len(text) > MAX_TEXT or not text.isprintable():
+            raise InvalidInput(f"{what}: at most {MAX_TEXT} printable characters")

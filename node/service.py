@@ -95,21 +95,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._national_system = national_system
         self._organisation_id = organisation_id
 
-    async def _requester(self, context: grpc.aio.ServicerContext, purpose: str) -> Requester:
+    async def _requester(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: gateway_pb2.SearchRequest | gateway_pb2.GatewayFetchRequest,
+    ) -> Requester:
         user = await self._clinicians.authenticate(_bearer_token(context))
         return Requester(
             clinician_id=user.user_id,
             display_name=user.display_name,
             role=user.role,
             organisation_id=self._organisation_id,
-            purpose_of_use=purpose or "treatment",
+            purpose_of_use=request.purpose_of_use or "treatment",
+            reason=request.reason,
+            on_behalf_of=request.on_behalf_of,
         )
 
     @maps_errors
     async def Search(
         self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.SearchEvent]:
-        requester = await self._requester(context, request.purpose_of_use)
+        requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
         deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
         async for event in self._gateway.search(identifier, requester, deadline_s):
@@ -121,7 +127,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
         if not request.node_id or not request.document_id:
             raise InvalidInput("a fetch names both the facility (node id) and the document id")
-        requester = await self._requester(context, request.purpose_of_use)
+        requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
         async for metadata, data in self._gateway.fetch(
             identifier, request.node_id, request.document_id, requester

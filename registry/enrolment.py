@@ -54,6 +54,7 @@ class InviteRecord:
     created_at: float
     expires_at: float
     used_at: float | None = None
+    organisation_category: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Member:
     node_id: str
     organisation_id: str
     organisation_name: str
+    organisation_category: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +164,14 @@ class Membership:
         node_id: str | None = None,
         join_address: str = "",
         ttl_s: int = const.DEFAULT_INVITE_TTL_S,
+        organisation_category: str = "",
     ) -> str:
         """Record a one-time invite and return its token text (print it, store nothing else)."""
+        if organisation_category and organisation_category not in pki.ORGANISATION_CATEGORIES:
+            raise InvalidInput(
+                f"organisation category must be one of {', '.join(pki.ORGANISATION_CATEGORIES)}, "
+                f"not {organisation_category!r}"
+            )
         org_id = check_text(
             organisation_id, "organisation id", const.MAX_ORGANISATION_ID_LENGTH, required=True
         )
@@ -190,6 +198,7 @@ class Membership:
             organisation_name=org_name,
             created_at=now,
             expires_at=float(token.expires_at),
+            organisation_category=organisation_category,
         )
         taken_by = await self._storage.add_invite(record, now)
         if taken_by == "certificate":
@@ -221,7 +230,12 @@ class Membership:
             csr = x509.load_der_x509_csr(csr_der)
         except ValueError:
             raise InvalidInput("the certificate request is not a DER PKCS#10 request") from None
-        member = Member(record.node_id, record.organisation_id, record.organisation_name)
+        member = Member(
+            record.node_id,
+            record.organisation_id,
+            record.organisation_name,
+            record.organisation_category,
+        )
         certificate = pki.issue_node_certificate(
             self._ca_key,
             self._ca_cert,
@@ -230,6 +244,7 @@ class Membership:
             member.organisation_id,
             member.organisation_name,
             now=datetime.fromtimestamp(now, UTC),
+            organisation_category=member.organisation_category,
         )
         public_key = csr.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # issue_node_certificate checked

@@ -28,6 +28,7 @@ async def invite(
     join_address: str = "",
     ttl_s: int = const.DEFAULT_INVITE_TTL_S,
     clock: Clock | None = None,
+    organisation_category: str = "",
 ) -> str:
     """Record a one-time invite in the registry database; returns the token text."""
     network = await asyncio.to_thread(load_network, network_dir)
@@ -35,8 +36,9 @@ async def invite(
     try:
         membership = Membership(store, ca_cert=network.ca_cert, clock=clock)
         return await membership.create_invite(
-            organisation_id, organisation_name, node_id, join_address, ttl_s
-        )
+            organisation_id, organisation_name, node_id, join_address, ttl_s,
+            organisation_category=organisation_category,
+        )  # fmt: skip
     finally:
         await store.close()
 

@@ -80,7 +80,13 @@ CREATE TABLE revocations (
 
 #: Numbered schema migrations (``MIGRATIONS[n - 1]`` makes version ``n``);
 #: never edit a released one, add the next.
-MIGRATIONS: list[str] = [_V1, _V2]
+_V3 = """
+-- The kind of facility (hospital, gp, pharmacy, nursing-home) an invite is
+-- for; written into the node certificate's OU for consent rules by kind.
+ALTER TABLE invites ADD COLUMN organisation_category TEXT NOT NULL DEFAULT '';
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NODE_COLUMNS = "node_id, organisation_name, organisation_id, endpoint, registered_at, updated_at"
@@ -108,7 +114,8 @@ _LOCATE = """
 
 
 _INVITE_COLUMNS = (
-    "secret_hash, node_id, organisation_id, organisation_name, created_at, expires_at, used_at"
+    "secret_hash, node_id, organisation_id, organisation_name, created_at, expires_at, used_at, "
+    "organisation_category"
 )
 _REVOCATION_COLUMNS = "serial, node_id, organisation_id, revoked_at"
 # What makes a node id taken: a certificate not revoked, or an invite still open.
@@ -226,7 +233,7 @@ class RegistryStore:
             if holder:
                 return str(holder[0][0])
             await db.execute(
-                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.secret_hash,
                     record.node_id,
@@ -235,6 +242,7 @@ class RegistryStore:
                     record.created_at,
                     record.expires_at,
                     record.used_at,
+                    record.organisation_category,
                 ),
             )
         return None

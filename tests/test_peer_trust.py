@@ -427,7 +427,7 @@ async def test_a_revoked_node_is_refused_within_the_poll_interval(
 
 
 async def gateway_search(
-    net: RunningNetwork, index: int, token: str, purpose: str = "treatment"
+    net: RunningNetwork, index: int, token: str, purpose: str = "treatment", reason: str = ""
 ) -> list[gateway_pb2.SearchEvent]:
     """A raw Search on node ``index``'s gateway, as the thin client sends it."""
     assert net.ca_pem is not None
@@ -437,7 +437,9 @@ async def gateway_search(
         pki.node_dns_name(node.config.node_id),
     )  # fmt: skip
     request = gateway_pb2.SearchRequest(
-        patient=common_pb2.PatientIdentifier(value="111222333"), purpose_of_use=purpose
+        patient=common_pb2.PatientIdentifier(value="111222333"),
+        purpose_of_use=purpose,
+        reason=reason,
     )
     try:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -479,5 +481,14 @@ async def test_a_purpose_other_than_treatment_or_emergency_is_invalid(
 @pytest.mark.parametrize("purpose", ["treatment", "emergency"])
 async def test_treatment_and_emergency_are_accepted(network: NetworkFactory, purpose: str) -> None:
     net = await network(n=1)
-    events = await gateway_search(net, 0, net.tokens[0], purpose)
+    reason = "unconscious at the emergency department" if purpose == "emergency" else ""
+    events = await gateway_search(net, 0, net.tokens[0], purpose, reason)
     assert events and events[0].HasField("located")
+
+
+async def test_emergency_without_a_reason_is_refused(network: NetworkFactory) -> None:
+    net = await network(n=1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway_search(net, 0, net.tokens[0], "emergency")
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "reason" in (caught.value.details() or "")

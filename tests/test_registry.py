@@ -409,6 +409,7 @@ async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path)
             "created_at",
             "expires_at",
             "used_at",
+            "organisation_category",
         },
         "certificates": {"serial", "node_id", "organisation_id", "issued_at", "not_after"},
         "revocations": {"serial", "node_id", "organisation_id", "revoked_at"},

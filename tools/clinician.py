@@ -43,11 +43,12 @@ async def search(
     out: TextIO,
     deadline_ms: int = 0,
     table_limit: int | None = None,
+    reason: str = "",
 ) -> list[FacilityResult]:
     """Run one search, printing facilities as they answer; returns results."""
     holders: Holders | None = None
     results: list[FacilityResult] = []
-    async for event in client.search(identifier, purpose, deadline_ms):
+    async for event in client.search(identifier, purpose, deadline_ms, reason):
         if isinstance(event, Holders):
             holders = event
             if not as_json:
@@ -115,8 +116,14 @@ def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         help="talk plain gRPC to a node run with --insecure-dev (development only)",
     )
     parser.add_argument(
-        "--purpose", default=default("treatment"), choices=["treatment", "emergency"],
-        help="purpose of use (default: treatment)",
+        "--purpose",
+        default=default("treatment"),
+        choices=["treatment", "emergency"],
+        help="purpose of use (default: treatment); emergency is break-the-glass",
+    )
+    parser.add_argument(
+        "--reason", default=default(""),
+        help="why: required with --purpose emergency, recorded in every facility's audit log",
     )  # fmt: skip
 
 
@@ -171,8 +178,9 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "search":
             results = await search(
-                client, args.identifier, args.purpose, args.json, sys.stdout, args.deadline_ms
-            )
+                client, args.identifier, args.purpose, args.json, sys.stdout, args.deadline_ms,
+                reason=args.reason,
+            )  # fmt: skip
             return 0 if results else 1
         return await _fetch(client, args)
     finally:
@@ -185,8 +193,9 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
         if args.json:
             raise ClientError("--json prints the metadata of a file written with -o FILE", 2)
         await client.fetch(
-            args.identifier, args.facility, args.document, sys.stdout.buffer, args.purpose
-        )
+            args.identifier, args.facility, args.document, sys.stdout.buffer, args.purpose,
+            args.reason,
+        )  # fmt: skip
         sys.stdout.flush()
         return 0
     target: Path = args.output
@@ -196,7 +205,7 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             meta = await client.fetch(
-                args.identifier, args.facility, args.document, handle, args.purpose
+                args.identifier, args.facility, args.document, handle, args.purpose, args.reason
             )
         partial.replace(target)
     except OSError as error:

@@ -170,11 +170,29 @@ async def enrol(net: DevNet, say: Callable[[str], None]) -> None:
                 net.network_dir, net.registry_db, organisation_id, name,
                 node_id=f"node-{index + 1}",
                 join_address=str(net.registry.ready["join_address"]),
+                organisation_category=facility_category(name),
             )  # fmt: skip
             # The same first-start step as a container's (compose/entrypoint.sh).
             config = await ensure_joined(folder, token, national_system=net.national_system)
             say(f"{config.node_id} joined as {name} ({organisation_id})")
         net.configs.append(config)
+
+
+#: Words in a facility's name that say what kind it is (else: a hospital).
+_CATEGORY_WORDS = {
+    "gp": ("huisarts", "general practice", "family", "pcp"),
+    "pharmacy": ("apotheek", "pharmacy", "walgreens", "cvs"),
+    "nursing-home": ("verpleeghuis", "nursing", "zorgcentrum"),
+}
+
+
+def facility_category(name: str) -> str:
+    """The kind of facility, guessed from its name, for its certificate's OU."""
+    lowered = name.lower()
+    for category, words in _CATEGORY_WORDS.items():
+        if any(word in lowered for word in words):
+            return category
+    return "hospital"
 
 
 async def add_clinicians(net: DevNet) -> None:

@@ -113,10 +113,17 @@ class GatewayClient:
         await self._channel.close()
 
     async def search(
-        self, identifier: str, purpose: str = "treatment", deadline_ms: int = 0
+        self,
+        identifier: str,
+        purpose: str = "treatment",
+        deadline_ms: int = 0,
+        reason: str = "",
     ) -> AsyncIterator[Holders | FacilityResult]:
         request = gateway_pb2.SearchRequest(
-            patient=split_token(identifier), purpose_of_use=purpose, deadline_ms=deadline_ms
+            patient=split_token(identifier),
+            purpose_of_use=purpose,
+            deadline_ms=deadline_ms,
+            reason=reason,
         )
         try:
             async for event in self._stub.Search(
@@ -141,6 +148,7 @@ class GatewayClient:
         document_id: str,
         out: BinaryIO,
         purpose: str = "treatment",
+        reason: str = "",
     ) -> Document:
         """Write the document to ``out``; checks its size and SHA-256."""
         request = gateway_pb2.GatewayFetchRequest(
@@ -148,6 +156,7 @@ class GatewayClient:
             node_id=node_id,
             document_id=document_id,
             purpose_of_use=purpose,
+            reason=reason,
         )
         digest, size, metadata = hashlib.sha256(), 0, None
         try:

@@ -56,11 +56,15 @@ _TEXT_FIELDS = (
     "role",
     "purpose_of_use",
     "audience",
+    "reason",
+    "on_behalf_of",
 )
 #: Must not be empty. The organisation may be (an insecure dev node has none; a
 #: certificate always has one, which the verifier compares), and so may the display name.
 _REQUIRED_TEXT = ("issuer", "clinician_id", "role", "purpose_of_use", "audience")
 _FIELDS = frozenset((*_TEXT_FIELDS, "pseudonym", "issued_at", "expires_at", "nonce"))
+#: May be absent from a payload (an assertion without them means "none").
+_OPTIONAL_TEXT = ("reason", "on_behalf_of")
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _PSEUDONYM = re.compile(f"[0-9a-f]{{{2 * PSEUDONYM_LENGTH}}}")
 
@@ -80,6 +84,8 @@ class RequesterAssertion:
     issued_at: int  # epoch seconds
     expires_at: int  # epoch seconds
     nonce: str  # 128 random bits, hex
+    reason: str = ""  # break-the-glass: why (purpose "emergency")
+    on_behalf_of: str = ""  # the responsible user the clinician acts for, if another
 
 
 def new_assertion(
@@ -94,6 +100,8 @@ def new_assertion(
     audience: str,
     now: float,
     lifetime_s: int = DEFAULT_LIFETIME_S,
+    reason: str = "",
+    on_behalf_of: str = "",
 ) -> RequesterAssertion:
     """An assertion for one call to ``audience``, valid ``lifetime_s`` from ``now``.
 
@@ -114,6 +122,8 @@ def new_assertion(
         issued_at=issued_at,
         expires_at=issued_at + lifetime_s,
         nonce=secrets.token_hex(16),
+        reason=reason,
+        on_behalf_of=on_behalf_of,
     )
     parse(_payload(assertion))
     return assertion
@@ -244,6 +254,8 @@ def parse(payload: bytes) -> RequesterAssertion:
         raise InvalidAssertion(f"assertion payload is not JSON: {error}") from None
     if not isinstance(document, dict):
         raise InvalidAssertion("assertion payload is not a JSON object")
+    for name in _OPTIONAL_TEXT:
+        document.setdefault(name, "")
     missing, unknown = _FIELDS - document.keys(), document.keys() - _FIELDS
     if missing or unknown:
         raise InvalidAssertion(

@@ -30,6 +30,9 @@ NODE_DNS_SUFFIX = ".node.transmural"
 #: Private extension on the registry certificate holding the CA certificate (DER).
 CA_BOOTSTRAP_OID = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")
 
+#: Kinds of facility a certificate may name (OU); consent can be given per kind.
+ORGANISATION_CATEGORIES = ("hospital", "gp", "pharmacy", "nursing-home")
+
 CA_DAYS = 3650
 REGISTRY_DAYS = 825
 NODE_DAYS = 365
@@ -46,6 +49,7 @@ class CertificateIdentity:
     organisation_name: str
     serial: str  # hex
     not_after: datetime
+    organisation_category: str = ""  # OU: hospital, gp, pharmacy, nursing-home
 
 
 def node_dns_name(node_id: str) -> str:
@@ -121,8 +125,13 @@ def issue_node_certificate(
     organisation_name: str,
     now: datetime | None = None,
     days: int = NODE_DAYS,
+    organisation_category: str = "",
 ) -> x509.Certificate:
-    """Sign a node's CSR. Identity comes from the invite, never from the CSR."""
+    """Sign a node's CSR. Identity comes from the invite, never from the CSR.
+
+    ``organisation_category`` (OU) is what consent rules by kind of facility
+    ("no pharmacies") are checked against.
+    """
     if not csr.is_signature_valid:
         raise InvalidInput("the certificate request's signature does not verify")
     public_key = csr.public_key()
@@ -135,6 +144,11 @@ def issue_node_certificate(
             x509.NameAttribute(NameOID.COMMON_NAME, node_id),
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation_name),
             x509.NameAttribute(NameOID.ORGANIZATION_IDENTIFIER, organisation_id),
+            *(
+                [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organisation_category)]
+                if organisation_category
+                else []
+            ),
         ]
     )
     names = [node_dns_name(node_id), "localhost"]
@@ -154,6 +168,7 @@ def identity(cert: x509.Certificate) -> CertificateIdentity:
         organisation_name=attribute(NameOID.ORGANIZATION_NAME),
         serial=format(cert.serial_number, "x"),
         not_after=cert.not_valid_after_utc,
+        organisation_category=attribute(NameOID.ORGANIZATIONAL_UNIT_NAME),
     )
 
 
