@@ -36,7 +36,7 @@ _DOCUMENT_DRAFT_FIELDS = (
 #: Columns of a documents row in ``_document_row`` order.
 _DOCUMENT_WRITE_COLUMNS = (
     *_DOCUMENT_DRAFT_FIELDS, "patient_key", "author_type", "author_id", "author_system",
-    "author_value", "author_display", "updated_at",
+    "author_value", "author_display", "updated_at", "categories",
 )  # fmt: skip
 
 
@@ -279,6 +279,7 @@ def _document_row(key: int, d: DocumentDraft, now: str) -> tuple[Any, ...]:
         author.value or None,
         author.display,
         now,
+        " ".join(sorted(d.categories)),
     )
 
 

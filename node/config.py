@@ -42,6 +42,8 @@ class NodeConfig:
     ca_certificate: Path | None = None
     national_system: str = BSN_SYSTEM
     peer_deadline_s: float = const.PEER_DEADLINE_S
+    consent_default: str = "opt-in"
+    break_the_glass: bool = False
     insecure_dev: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +63,10 @@ class NodeConfig:
             raise ConfigError(
                 "certificate, private_key and ca_certificate are required "
                 "(run `transmural-admin join`), unless insecure_dev = true"
+            )
+        if self.consent_default not in ("opt-in", "opt-out"):
+            raise ConfigError(
+                f"consent_default must be opt-in or opt-out, not {self.consent_default!r}"
             )
         if not 0 < self.peer_deadline_s <= const.MAX_PEER_DEADLINE_S:
             raise ConfigError(f"peer_deadline_s must be in (0, {const.MAX_PEER_DEADLINE_S}]")
@@ -119,7 +125,7 @@ class NodeConfig:
 
 def _check_type(key: str, value: object) -> None:
     """Config values are strings, but for the deadline (a number) and insecure_dev."""
-    if key == "insecure_dev":
+    if key in ("insecure_dev", "break_the_glass"):
         if not isinstance(value, bool):
             raise ConfigError(f"node config: {key} must be true or false, not {value!r}")
     elif key == "peer_deadline_s":

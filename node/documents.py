@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from node.categories import categories_of
 from node.fhir import (
     JSONObject,
     concept_text,
@@ -74,6 +75,7 @@ class DocumentsFound:
 def build_documents(sources: Sequence[Source]) -> DocumentsFound:
     """Every document the bundle offers; raises ValueError on a broken attachment."""
     by_key = {source.key: source for source in sources}
+    members = _encounter_members(sources)
     documents: list[DocumentDraft] = []
     skipped: list[str] = []
     noted_encounters: set[str] = set()
@@ -92,17 +94,29 @@ def build_documents(sources: Sequence[Source]) -> DocumentsFound:
                 skipped.append(f"{source.key}: not linked to a patient of this bundle")
             continue
         if kind == "DocumentReference":
-            documents.extend(_reference_documents(source, by_key, skipped))
+            documents.extend(_reference_documents(source, by_key, members, skipped))
         elif kind == "DiagnosticReport":
             if source.full_url in noted_reports or source.key in noted_reports:
                 continue
             documents.extend(_report_documents(source, by_key))
-    documents.extend(_encounter_summaries(sources, noted_encounters))
+    documents.extend(_encounter_summaries(sources, members, noted_encounters))
     return DocumentsFound(documents, skipped)
 
 
+def _encounter_members(sources: Sequence[Source]) -> dict[str, list[JSONObject]]:
+    """Encounter key -> the resources recorded in it."""
+    members: dict[str, list[JSONObject]] = defaultdict(list)
+    for source in sources:
+        for encounter in _encounters_of(source.resource):
+            members[encounter].append(source.resource)
+    return members
+
+
 def _reference_documents(
-    source: Source, by_key: dict[str, Source], skipped: list[str]
+    source: Source,
+    by_key: dict[str, Source],
+    members: dict[str, list[JSONObject]],
+    skipped: list[str],
 ) -> Iterable[DocumentDraft]:
     resource = source.resource
     contents = resource.get("content")
@@ -116,6 +130,12 @@ def _reference_documents(
     ) or concept_text(resource.get("type"))
     context = resource.get("context")
     encounter_refs = references_in(context.get("encounter")) if isinstance(context, dict) else []
+    # A note tells what its encounter recorded: it carries those categories too.
+    categories = categories_of(
+        [resource]
+        + [r for ref in encounter_refs for r in members.get(ref, [])]
+        + [by_key[ref].resource for ref in encounter_refs if ref in by_key]
+    ) - {"encounters"}
     for number, content in enumerate(contents):
         attachment = content.get("attachment") if isinstance(content, dict) else None
         where = f"{source.label}: content {number}"
@@ -142,6 +162,7 @@ def _reference_documents(
             content=data,
             created=created,
             author=author or OrganisationRef(),
+            categories=categories,
         )
 
 
@@ -177,16 +198,15 @@ def _report_documents(source: Source, by_key: dict[str, Source]) -> Iterable[Doc
                 effective.get("start") if isinstance(effective, dict) else None,
             ),
             author=author or OrganisationRef(),
+            categories=categories_of([resource]),
         )
 
 
 def _encounter_summaries(
-    sources: Sequence[Source], noted_encounters: set[str]
+    sources: Sequence[Source],
+    members: dict[str, list[JSONObject]],
+    noted_encounters: set[str],
 ) -> Iterable[DocumentDraft]:
-    members: dict[str, list[JSONObject]] = defaultdict(list)
-    for source in sources:
-        for encounter in _encounters_of(source.resource):
-            members[encounter].append(source.resource)
     for source in sources:
         resource = source.resource
         if resource["resourceType"] != "Encounter" or source.patient_fhir_id is None:
@@ -212,6 +232,7 @@ def _encounter_summaries(
             content=content,
             created=_first_datetime(f"{source.label}: period.start", start),
             author=_organisation(resource.get("serviceProvider")) or OrganisationRef(),
+            categories=categories_of([resource, *members.get(source.key, [])]),
         )
 
 
@@ -267,6 +288,7 @@ def _draft(
     content: bytes,
     created: str,
     author: OrganisationRef,
+    categories: frozenset[str],
 ) -> DocumentDraft:
     assert source.patient_fhir_id is not None
     return DocumentDraft(
@@ -283,6 +305,7 @@ def _draft(
         author=author,
         size=len(content),
         sha256=hashlib.sha256(content).hexdigest(),
+        categories=categories,
     )
 
 

@@ -59,6 +59,23 @@ class PeerLink(Protocol):
     ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]: ...
 
 
+class AskingAudit(Protocol):
+    """The asking side's audit records (``node.audit_asking`` writes them)."""
+
+    async def asked(
+        self,
+        *,
+        action: str,
+        outcome: str,
+        requester: Requester,
+        pseudonym: bytes,
+        correlation_id: str,
+        reason: str,
+        node: str,
+        documents: list[str],
+    ) -> None: ...
+
+
 class Gateway:
     """Search and fetch across the network on a clinician's behalf."""
 
@@ -69,7 +86,9 @@ class Gateway:
         peers: PeerLink,
         clock: Clock | None = None,
         default_deadline_s: float = const.PEER_DEADLINE_S,
+        audit: AskingAudit | None = None,
     ) -> None:
+        self._audit = audit
         self._pseudonymiser = pseudonymiser
         self._index = index
         self._peers = peers
@@ -86,6 +105,11 @@ class Gateway:
         correlation_id = uuid.uuid4().hex
         holders = await self._index.locate(pseudonym)
         log.info("search %s: %d holders", correlation_id, len(holders))
+        # Logged before anyone is asked: no access without its audit record.
+        await self._record(
+            "search", "granted", requester, pseudonym, correlation_id,
+            f"asked {len(holders)} facilities: {', '.join(f.node_id for f in holders)}",
+        )  # fmt: skip
         yield Located(holders, correlation_id)
         tasks = [
             asyncio.create_task(self._ask(f, pseudonym, requester, correlation_id, deadline))
@@ -93,7 +117,9 @@ class Gateway:
         ]
         try:
             for finished in asyncio.as_completed(tasks):
-                yield await finished
+                answer = await finished
+                await self._record_answer(answer, requester, pseudonym, correlation_id)
+                yield answer
         finally:
             for task in tasks:
                 task.cancel()
@@ -110,6 +136,10 @@ class Gateway:
             raise NotFound(f"facility {node_id!r} is not listed as holding this patient's data")
         correlation_id = uuid.uuid4().hex
         log.info("fetch %s: document %s from %s", correlation_id, document_id, node_id)
+        await self._record(
+            "fetch", "granted", requester, pseudonym, correlation_id,
+            f"asked {node_id}", node=node_id, documents=[document_id],
+        )  # fmt: skip
         pieces = self._peers.fetch_document(
             facility, pseudonym, document_id, requester, correlation_id
         )
@@ -127,6 +157,36 @@ class Gateway:
                     f"facility {node_id} did not answer within {self._default_deadline_s:g} s"
                 ) from None
             yield piece
+
+    async def _record(
+        self,
+        action: str,
+        outcome: str,
+        requester: Requester,
+        pseudonym: bytes,
+        correlation_id: str,
+        reason: str,
+        node: str = "",
+        documents: list[str] | None = None,
+    ) -> None:
+        if self._audit is not None:
+            await self._audit.asked(
+                action=action, outcome=outcome, requester=requester, pseudonym=pseudonym,
+                correlation_id=correlation_id, reason=reason, node=node,
+                documents=documents or [],
+            )  # fmt: skip
+
+    async def _record_answer(
+        self, answer: FacilityAnswer, requester: Requester, pseudonym: bytes, correlation_id: str
+    ) -> None:
+        outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(
+            answer.status, "error"
+        )
+        await self._record(
+            "search-answer", outcome, requester, pseudonym, correlation_id,
+            f"{answer.facility.node_id}: {answer.status}", node=answer.facility.node_id,
+            documents=[d.document_id for d in answer.documents],
+        )  # fmt: skip
 
     def _deadline(self, deadline_s: float | None) -> float:
         if deadline_s is None or deadline_s <= 0:

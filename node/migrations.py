@@ -134,4 +134,86 @@ CREATE TABLE revoked_certificates (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+_V4 = """
+-- Consent records (node.consent): one row per FHIR Consent. Withdrawn ones
+-- stay, for the record. data is space-separated categories, '' = all data.
+CREATE TABLE consents (
+    consent_id   TEXT PRIMARY KEY,
+    patient_key  INTEGER NOT NULL REFERENCES patients (patient_key) ON DELETE CASCADE,
+    decision     TEXT NOT NULL CHECK (decision IN ('permit', 'deny')),
+    actor_kind   TEXT NOT NULL CHECK (actor_kind IN ('all', 'organisation', 'category')),
+    actor        TEXT NOT NULL,
+    data         TEXT NOT NULL,
+    period_start TEXT NOT NULL,
+    period_end   TEXT,
+    recorded_by  TEXT NOT NULL,
+    recorded_via TEXT NOT NULL CHECK (recorded_via IN ('desk', 'portal')),
+    recorded_at  TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('active', 'withdrawn')),
+    withdrawn_at TEXT,
+    CHECK ((status = 'withdrawn') = (withdrawn_at IS NOT NULL)),
+    CHECK ((actor_kind = 'all') = (actor = ''))
+);
+CREATE INDEX consents_patient ON consents (patient_key);
+
+-- The yes/no stand-in of earlier versions becomes a permit of all data to
+-- all organisations, so an upgrade shares exactly what it shared before.
+INSERT INTO consents (consent_id, patient_key, decision, actor_kind, actor, data,
+                      period_start, recorded_by, recorded_via, recorded_at, status)
+SELECT 'c-' || lower(hex(randomblob(6))), patient_key, 'permit', 'all', '', '',
+       updated_at, 'schema upgrade (yes/no consent)', 'desk', updated_at, 'active'
+  FROM patients WHERE exchange_consent = 1;
+"""
+
+_V5 = """
+-- The audit log (node.audit): one row per access, grant, denial or change,
+-- hash-chained (hash = SHA-256(prev_hash || canonical JSON of the record)).
+-- No foreign key to patients: the log outlives the patient's data.
+CREATE TABLE audit_log (
+    seq                    INTEGER PRIMARY KEY,
+    event_id               TEXT NOT NULL UNIQUE,
+    time                   TEXT NOT NULL,
+    action                 TEXT NOT NULL,
+    outcome                TEXT NOT NULL CHECK (outcome IN ('granted', 'denied', 'error')),
+    side                   TEXT NOT NULL CHECK (side IN ('asking', 'answering', 'local')),
+    outcome_reason         TEXT NOT NULL,
+    patient_key            INTEGER,
+    pseudonym              TEXT NOT NULL,
+    document_ids           TEXT NOT NULL,
+    clinician_id           TEXT NOT NULL,
+    role                   TEXT NOT NULL,
+    organisation_id        TEXT NOT NULL,
+    on_behalf_of           TEXT NOT NULL,
+    requesting_node        TEXT NOT NULL,
+    requesting_address     TEXT NOT NULL,
+    purpose_of_use         TEXT NOT NULL,
+    consent_rule           TEXT NOT NULL,
+    break_the_glass        INTEGER NOT NULL CHECK (break_the_glass IN (0, 1)),
+    break_the_glass_reason TEXT NOT NULL,
+    correlation_id         TEXT NOT NULL,
+    prev_hash              BLOB NOT NULL,
+    hash                   BLOB NOT NULL
+);
+CREATE INDEX audit_log_patient ON audit_log (patient_key) WHERE patient_key IS NOT NULL;
+CREATE INDEX audit_log_pseudonym ON audit_log (pseudonym) WHERE pseudonym != '';
+CREATE INDEX audit_log_correlation ON audit_log (correlation_id) WHERE correlation_id != '';
+
+-- Append-only: these stop accidents; the hash chain is what shows tampering.
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be changed');
+END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be deleted');
+END;
+"""
+
+_V6 = """
+-- The data categories a document shows (node.categories), space-separated:
+-- a consent that denies one category removes exactly these documents.
+-- Documents ingested before this delta have none until re-ingested.
+ALTER TABLE documents ADD COLUMN categories TEXT NOT NULL DEFAULT '';
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]

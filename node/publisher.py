@@ -1,7 +1,9 @@
 """Keeps the registry's index in step with this node's store.
 
-Ingest (in this process or in the admin CLI, on the same database file)
-appends index changes to a durable outbox. The publisher registers the
+Ingest and consent changes (in this process or in the admin CLI, on the
+same database file) append pseudonyms to a durable outbox; whether each is
+published or un-published is decided from consent at send time
+(``node.listing``). The publisher registers the
 node, then drains the outbox in batches, oldest first, and marks a batch
 sent only after the registry accepted it: a registry that is down delays
 publishing, it never loses an entry.
@@ -15,6 +17,7 @@ import logging
 
 from node import const
 from node.answers import Facility
+from node.listing import PatientListing
 from node.registry_link import RegistryLink
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
@@ -33,7 +36,9 @@ class IndexPublisher:
         registry: RegistryLink,
         facility: Facility,
         clock: Clock | None = None,
+        listing: PatientListing | None = None,
     ) -> None:
+        self._listing = listing
         self._store = store
         self._registry = registry
         self._facility = facility
@@ -70,6 +75,8 @@ class IndexPublisher:
         await self._register_when_due()
         total = 0
         while changes := await self._store.pending_index_changes(MAX_PUBLISH_BATCH):
+            if self._listing is not None:
+                changes = await self._listing.resolve(changes)
             try:
                 await self._registry.publish(self._facility.node_id, changes)
             except NotFound:

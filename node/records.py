@@ -50,6 +50,7 @@ class DocumentRecord:
     sha256: str
     created: str
     author_organisation: str
+    categories: frozenset[str] = frozenset()  # node.categories: what data it shows
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,7 @@ class DocumentDraft:
     author: OrganisationRef
     size: int
     sha256: str  # lowercase hex, computed with the content (off the event loop)
+    categories: frozenset[str] = frozenset()  # node.categories: what data it shows
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from node import const
 from node.answers import Facility
 from node.assertions import AssertionCheck, AssertionSigner
+from node.audit import AuditLog
+from node.audit_asking import AskingAudit
 from node.config import NodeConfig
+from node.consent import ConsentPolicy
 from node.gateway import Gateway
 from node.holder import RecordHolder
+from node.listing import PatientListing
 from node.lock import NodeLock
 from node.peer_link import PeerChannels
 from node.publisher import IndexPublisher
@@ -58,6 +62,7 @@ class NodeServer:
         self._revocations: RevocationList | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._own: pki.CertificateIdentity | None = None
+        self._audit: AuditLog | None = None
 
     @property
     def address(self) -> str:
@@ -80,6 +85,20 @@ class NodeServer:
         return self._publisher
 
     @property
+    def audit(self) -> AuditLog:
+        """The node's hash-chained audit log (in its own database)."""
+        assert self._audit is not None, "node not started"
+        return self._audit
+
+    @property
+    def consent_policy(self) -> ConsentPolicy:
+        """The network's consent settings, as this node's config carries them."""
+        return ConsentPolicy(
+            default=self.config.consent_default,  # type: ignore[arg-type]
+            break_the_glass=self.config.break_the_glass,
+        )
+
+    @property
     def revocations(self) -> RevocationList:
         assert self._revocations is not None, "node not started"
         return self._revocations
@@ -98,14 +117,16 @@ class NodeServer:
         tls, key = self._load_tls()
         self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
+        self._audit = AuditLog(self._store.database, self.clock)
         self._registry = RegistryLink(config.registry, tls)
         self._revocations = RevocationList(self._registry, self._store)
         await self._revocations.load()
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
         self._peers = PeerChannels(tls, signer)
         gateway = Gateway(
-            pseudonymiser, self._registry, self._peers, self.clock, config.peer_deadline_s
-        )
+            pseudonymiser, self._registry, self._peers, self.clock, config.peer_deadline_s,
+            AskingAudit(self.audit, self._store, config.node_id),
+        )  # fmt: skip
         verifier = None if tls is None else AssertionVerifier(config.node_id, self.clock)
         await self._serve_peers(tls, AssertionCheck(verifier, config.node_id))
         await self._serve_gateway(tls, gateway)
@@ -117,7 +138,8 @@ class NodeServer:
         facility = Facility(
             config.node_id, config.organisation_name, config.organisation_id, endpoint
         )
-        self._publisher = IndexPublisher(self._store, self._registry, facility, self.clock)
+        listing = PatientListing(self._store, self.consent_policy, self.clock)
+        self._publisher = IndexPublisher(self._store, self._registry, facility, self.clock, listing)
         await self._revocations.refresh()
         self._tasks = [
             asyncio.create_task(self._publisher.run(), name="index-publisher"),
@@ -170,7 +192,10 @@ class NodeServer:
         interceptors = [] if tls is None else [CertificateInterceptor(self._revocations.is_revoked)]
         server = transport.new_server(interceptors)
         peer_pb2_grpc.add_PeerServicer_to_server(
-            PeerServicer(RecordHolder(self._store), check), server
+            PeerServicer(
+                RecordHolder(self._store, self.audit, self.consent_policy, self.clock), check
+            ),
+            server,
         )
         health = transport.add_health_and_reflection(server, [PEER_SERVICE])
         self._servers.append(server)

@@ -20,7 +20,7 @@ from node.convert import (
     status_to_proto,
 )
 from node.gateway import Gateway
-from node.holder import RecordHolder
+from node.holder import Origin, RecordHolder
 from node.users import Clinicians
 from transmural.auth import current_caller
 from transmural.const import DOCUMENT_CHUNK_BYTES
@@ -57,7 +57,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.FindDocumentsResponse:
         requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
         answer = await self._holder.find_documents(
-            request.pseudonym, requester, request.correlation_id
+            request.pseudonym, requester, _origin(context, request.correlation_id)
         )
         return peer_pb2.FindDocumentsResponse(
             status=status_to_proto(answer.status),
@@ -70,7 +70,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
         requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
         document, chunks = await self._holder.open_document(
-            request.pseudonym, request.document_id, requester, request.correlation_id
+            request.pseudonym,
+            request.document_id,
+            requester,
+            _origin(context, request.correlation_id),
         )
         metadata: common_pb2.DocumentMetadata | None = document_to_proto(document)
         async for data in chunks:
@@ -141,6 +144,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _identifier(self, patient: common_pb2.PatientIdentifier) -> Identifier:
         return canonical(patient.system or self._national_system, patient.value)
+
+
+def _origin(context: grpc.aio.ServicerContext, correlation_id: str) -> Origin:
+    """The calling node (verified certificate) and its address, for the audit record."""
+    caller = current_caller()
+    return Origin(
+        node_id=caller.identity.node_id if caller else "(insecure-dev: unverified)",
+        address=context.peer() or "",
+        correlation_id=correlation_id,
+    )
 
 
 def _bearer_token(context: grpc.aio.ServicerContext) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from node.bundle_writer import outbox_rows, write_bundle
+from node.consent import ConsentRecord
 from node.fhir import parse_reference
 from node.migrations import MIGRATIONS
 from node.records import (
@@ -33,7 +34,7 @@ from node.records import (
 )
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.database import Database
-from transmural.errors import NotFound
+from transmural.errors import InvalidInput, NotFound
 from transmural.identifiers import Identifier
 
 #: How long a write waits for another process's write lock before failing.
@@ -57,7 +58,8 @@ SELECT d.document_id, d.patient_key, d.title, d.type_system, d.type_code, d.type
            WHERE i.resource_type = d.author_type AND i.system = d.author_system
              AND i.value = d.author_value AND r.label IS NOT NULL
            ORDER BY r.resource_key LIMIT 1),
-         d.author_display)
+         d.author_display),
+       d.categories
   FROM documents d
 """
 
@@ -224,6 +226,19 @@ class NodeStore:
     async def pending_index_count(self) -> int:
         return await self._count("index_outbox")
 
+    async def request_index_check(self, patient_key: int) -> None:
+        """Queue the patient's pseudonym for the publisher to list or unlist anew.
+
+        The publisher decides from the patient's consent at send time
+        (``node.listing``); a patient without a pseudonym is not listed anyway.
+        """
+        async with self._db.transaction("request_index_check") as db:
+            await db.execute(
+                "INSERT INTO index_outbox (pseudonym, withdrawn) SELECT pseudonym, 0 "
+                "FROM patients WHERE patient_key = ? AND pseudonym IS NOT NULL",
+                (patient_key,),
+            )
+
     async def _count(self, table: str) -> int:
         rows = await self._db.fetch(f"SELECT COUNT(*) FROM {table}")
         return int(rows[0][0])
@@ -273,6 +288,87 @@ class NodeStore:
         async with self._db.transaction("write_bundle") as db:
             return await write_bundle(db, self._now(), bundle)
 
+    # --- audit (node.audit) ---
+
+    @property
+    def database(self) -> Database:
+        """The open database, for ``node.audit.AuditLog``.
+
+        The log runs its own named transactions on this one connection, so an
+        audit append queues behind the store's writes instead of racing them.
+        """
+        return self._db
+
+    # --- consent (node.consent) ---
+
+    async def add_consent(self, record: ConsentRecord) -> None:
+        """Record one consent; NotFound for an unknown patient, InvalidInput for a taken id."""
+        await self.add_consents([record])
+
+    async def add_consents(self, records: Sequence[ConsentRecord]) -> None:
+        """Record consents in one transaction: all of them or (on any error) none."""
+        async with self._db.transaction("add_consents") as db:
+            for record in records:
+                known = await db.execute_fetchall(
+                    "SELECT 1 FROM patients WHERE patient_key = ?", (record.patient_key,)
+                )
+                if not known:
+                    raise NotFound(f"no patient with key {record.patient_key} at this node")
+                taken = await db.execute_fetchall(
+                    "SELECT 1 FROM consents WHERE consent_id = ?", (record.consent_id,)
+                )
+                if taken:
+                    raise InvalidInput(f"consent {record.consent_id} is already recorded here")
+                await db.execute(
+                    f"INSERT INTO consents ({_CONSENT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _consent_row(record),
+                )
+
+    async def consents_of(self, patient_key: int) -> list[ConsentRecord]:
+        """The patient's consents, withdrawn ones included, in the order recorded here."""
+        rows = await self._db.fetch(
+            f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE patient_key = ? ORDER BY rowid",
+            (patient_key,),
+        )
+        return [_consent(row) for row in rows]
+
+    async def consent(self, consent_id: str) -> ConsentRecord | None:
+        rows = await self._db.fetch(
+            f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE consent_id = ?", (consent_id,)
+        )
+        return _consent(rows[0]) if rows else None
+
+    async def all_consents(self) -> list[ConsentRecord]:
+        """Every consent at this node, by patient (for the publisher's full pass)."""
+        rows = await self._db.fetch(
+            f"SELECT {_CONSENT_COLUMNS} FROM consents ORDER BY patient_key, rowid"
+        )
+        return [_consent(row) for row in rows]
+
+    async def withdraw_consent(self, consent_id: str, when: str | None = None) -> ConsentRecord:
+        """Mark a consent withdrawn (it stays, for the record) and return it as it now is.
+
+        NotFound for an unknown id; InvalidInput when it was withdrawn before.
+        ``when`` (a FHIR dateTime) defaults to now.
+        """
+        when = when or self._now()
+        async with self._db.transaction("withdraw_consent") as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE consent_id = ?", (consent_id,)
+            )
+            if not rows:
+                raise NotFound(f"no consent {consent_id} at this node")
+            record = _consent(next(iter(rows)))
+            if record.status == "withdrawn":
+                raise InvalidInput(f"consent {consent_id} was withdrawn at {record.withdrawn_at}")
+            withdrawn = dataclasses.replace(record, status="withdrawn", withdrawn_at=when)
+            await db.execute(
+                "UPDATE consents SET status = 'withdrawn', withdrawn_at = ? WHERE consent_id = ?",
+                (when, consent_id),
+            )
+            return withdrawn
+
 
 def _prefixed(alias: str, columns: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
@@ -293,4 +389,34 @@ def _patient(row: sqlite3.Row) -> PatientRecord:
 
 
 def _document(row: sqlite3.Row) -> DocumentRecord:
-    return DocumentRecord(**dict(zip(_DOCUMENT_RECORD_FIELDS, row, strict=True)))
+    fields = dict(zip(_DOCUMENT_RECORD_FIELDS, row, strict=True))
+    fields["categories"] = frozenset(str(fields["categories"] or "").split())
+    return DocumentRecord(**fields)
+
+
+_CONSENT_COLUMNS = (
+    "consent_id, patient_key, decision, actor_kind, actor, data, period_start, period_end, "
+    "recorded_by, recorded_via, recorded_at, status, withdrawn_at"
+)
+
+
+def _consent_row(record: ConsentRecord) -> tuple[object, ...]:
+    data = " ".join(sorted(record.data))
+    return (
+        record.consent_id, record.patient_key, record.decision, record.actor_kind, record.actor,
+        data, record.period_start, record.period_end, record.recorded_by, record.recorded_via,
+        record.recorded_at, record.status, record.withdrawn_at,
+    )  # fmt: skip
+
+
+def _consent(row: sqlite3.Row) -> ConsentRecord:
+    """A stored consent; validated again, so a hand-edited row cannot slip through."""
+    (consent_id, patient_key, decision, actor_kind, actor, data, period_start, period_end,
+     recorded_by, recorded_via, recorded_at, status, withdrawn_at) = row  # fmt: skip
+    return ConsentRecord(
+        consent_id=consent_id, patient_key=patient_key, decision=decision,
+        actor_kind=actor_kind, actor=actor, data=frozenset(data.split()),
+        period_start=period_start, period_end=period_end, recorded_by=recorded_by,
+        recorded_via=recorded_via, recorded_at=recorded_at, status=status,
+        withdrawn_at=withdrawn_at,
+    )  # fmt: skip

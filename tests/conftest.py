@@ -11,6 +11,7 @@ Servers run in this process on ephemeral ports and talk real gRPC.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ import pytest
 
 from node.answers import Facility
 from node.config import NodeConfig
+from node.consent_desk import ConsentDesk
 from node.ingest import ingest_folder
 from node.records import IndexChange
 from node.registry_link import RegistryLink
@@ -35,7 +37,7 @@ from tools.join import join
 from tools.spread import SpreadPlan, spread
 from tools.synthetic import generate
 from transmural import pki, transport
-from transmural.identifiers import BSN_SYSTEM
+from transmural.identifiers import BSN_SYSTEM, canonical
 from transmural.pseudonym import Pseudonymiser, new_network_key, write_network_key
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -99,9 +101,29 @@ class RunningNetwork:
             await node.publisher.publish_pending()
 
     async def consent_all(self, allowed: bool = True) -> None:
+        """Every patient at every node consents to all (or refuses all) sharing."""
         for node in self.nodes:
-            for patient in await node.store.patients():
-                await node.store.set_exchange_consent(patient.patient_key, allowed)
+            desk = ConsentDesk(node.store)
+            records = [
+                desk.blanket(p.patient_key, allowed, "test desk")
+                for p in await node.store.patients()
+            ]
+            await desk.record(records)
+        await self.published()
+
+    async def deny_organisation(self, node_index: int, bsn: str, organisation_id: str) -> None:
+        """At node ``node_index``, the patient refuses one organisation (all data)."""
+        node = self.nodes[node_index]
+        patient = await node.store.patient_by_identifier(canonical(BSN_SYSTEM, bsn))
+        assert patient is not None, f"node-{node_index + 1} does not hold that patient"
+        desk = ConsentDesk(node.store)
+        deny = dataclasses.replace(
+            desk.blanket(patient.patient_key, False, "test desk"),
+            actor_kind="organisation",
+            actor=organisation_id,
+        )
+        await desk.record([deny])
+        await self.published()
 
     async def stop(self) -> None:
         for client in self.clients:
@@ -196,12 +218,16 @@ def synthetic_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def collect(
-    client: GatewayClient, identifier: str, purpose: str = "treatment", deadline_ms: int = 0
+    client: GatewayClient,
+    identifier: str,
+    purpose: str = "treatment",
+    deadline_ms: int = 0,
+    reason: str = "",
 ) -> tuple[Holders, dict[str, FacilityResult]]:
     """Run a search; the holders event and each facility's result by node id."""
     holders: Holders | None = None
     results: dict[str, FacilityResult] = {}
-    async for event in client.search(identifier, purpose, deadline_ms):
+    async for event in client.search(identifier, purpose, deadline_ms, reason):
         if isinstance(event, Holders):
             assert holders is None, "holders event came twice"
             holders = event

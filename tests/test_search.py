@@ -48,12 +48,10 @@ async def test_consent_denied_gives_no_metadata(network: NetworkFactory, synthet
     plan = await net.load(synthetic_bundles)
     await net.consent_all(True)
     fhir_id = at_least(plan, 2)[0]
-    refusing = net.nodes[plan.patients[fhir_id].nodes[-1]]
-    record = await refusing.store.patient_by_identifier(
-        canonical(BSN_SYSTEM, bsn_of(plan, fhir_id))
-    )
-    assert record is not None
-    await refusing.store.set_exchange_consent(record.patient_key, False)
+    index = plan.patients[fhir_id].nodes[-1]
+    refusing = net.nodes[index]
+    asker = net.nodes[0].config.organisation_id
+    await net.deny_organisation(index, bsn_of(plan, fhir_id), asker)
 
     _, results = await collect(net.client(0), bsn_of(plan, fhir_id))
 
@@ -125,7 +123,8 @@ async def test_fetch_refused_without_consent(network: NetworkFactory, synthetic_
     _, results = await collect(net.client(0), bsn)
     holder_id, result = next(iter(results.items()))
     document_id = result.documents[0].document_id
-    await net.consent_all(False)
+    index = int(holder_id.removeprefix("node-")) - 1
+    await net.deny_organisation(index, bsn, net.nodes[0].config.organisation_id)
 
     with pytest.raises(ClientError, match="consent"):
         await net.client(0).fetch(bsn, holder_id, document_id, io.BytesIO())

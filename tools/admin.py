@@ -11,15 +11,20 @@
                           [--listen HOST:PORT] [--gateway-listen HOST:PORT]
                           first start (init/invite, join), kept on a restart
   transmural-admin ingest --config NODE.toml PATH...   load FHIR bundles into a node
-  transmural-admin consent --config NODE.toml IDENTIFIER --allow|--deny
+  transmural-admin consent add|list|withdraw|import|export --config NODE.toml ...
+                          a patient's consent (FHIR Consent); see consent --help
   transmural-admin user add --config NODE.toml --id ID --name NAME --role ROLE
+  transmural-admin audit verify --db NODE_DB            check the audit log's hash chain
+  transmural-admin audit export --config NODE.toml --patient ID [--json]  access history
   transmural-admin devnet [--nodes N] [--data DIR] [--workdir DIR] [--demo]
 
 Exit codes:
   0    done; devnet: stopped with Ctrl-C or SIGTERM, or the demo passed
   1    ingest: some file was refused (each is named); consent: no such
-       patient at this node; revoke: nothing left to revoke; devnet: a
-       server exited while running, or the demo missed its goal
+       patient (or consent) at this node; revoke: nothing left to revoke; audit verify:
+       the chain is broken (the first problem is named); audit export: no
+       such patient at this node; devnet: a server exited while running,
+       or the demo missed its goal
   2    bad usage, configuration or input; invite, join, bootstrap: refused
        (the message says why); devnet: a server did not start
   130  interrupted (Ctrl-C) before devnet was up
@@ -41,12 +46,13 @@ from node.store import NodeStore
 from registry import const as registry_const
 from registry import operator
 from registry.network import init_network
-from tools import bootstrap, devnet
+from tools import admin_audit, admin_consent, bootstrap, devnet
 from tools import demo as demo_scenario
 from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
+from transmural import pki
 from transmural.errors import ConfigError, InvalidBundle, TransmuralError
-from transmural.identifiers import BSN_SYSTEM, parse_token
+from transmural.identifiers import BSN_SYSTEM
 from transmural.process import OneLineParser
 from transmural.pseudonym import Pseudonymiser, read_network_key
 
@@ -123,21 +129,6 @@ async def _ingest_path(
         return [], [problem]
 
 
-async def consent(config_path: Path, identifier: str, allow: bool) -> int:
-    config = NodeConfig.load(config_path)
-    store = await NodeStore.open(config.database)
-    try:
-        patient = await store.patient_by_identifier(parse_token(identifier, config.national_system))
-        if patient is None:
-            print("transmural-admin: no patient with that identifier at this node", file=sys.stderr)
-            return 1
-        await store.set_exchange_consent(patient.patient_key, allow)
-    finally:
-        await store.close()
-    say(f"consent to exchange {'given' if allow else 'withdrawn'}")
-    return 0
-
-
 def network_init(folder: Path, name: str) -> int:
     network = init_network(folder, name)
     say(f"network {network.name!r} created in {folder}")
@@ -159,6 +150,7 @@ async def invite(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         join_address=args.registry,
         ttl_s=round(args.ttl_hours * 3600),
+        organisation_category=args.category or "",
     )
     say(token)
     return 0
@@ -295,15 +287,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a bundle file, or a folder whose *.json files are loaded (sub-folders are not)",
     )
-    c = sub.add_parser("consent", help="record a patient's consent to exchange (yes/no)")
-    c.add_argument("--config", type=Path, required=True, help="the node's TOML config")
-    c.add_argument("identifier", help="system|value or a bare national identifier")
-    choice = c.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--allow", action="store_true", help="the patient consents to exchange")
-    choice.add_argument("--deny", action="store_true", help="the patient refuses or withdraws")
+    admin_consent.add_consent_commands(sub)
     _add_membership_commands(sub)
     bootstrap.add_commands(sub)
     add_user_commands(sub)
+    admin_audit.add_audit_commands(sub)
     d = sub.add_parser(
         "devnet",
         help="run a registry and N nodes on loopback",
@@ -384,6 +372,11 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
     i.add_argument("--org-id", required=True, metavar="ID", help="organisation id (URA, AGB)")
     i.add_argument("--org-name", required=True, metavar="NAME", help="organisation name")
     i.add_argument(
+        "--category",
+        choices=pki.ORGANISATION_CATEGORIES,
+        help="kind of facility, written into its certificate (consent can name a kind)",
+    )
+    i.add_argument(
         "--node-id",
         metavar="ID",
         help="the node's id, [a-z0-9-]{1,64} (default: derived from --org-id)",
@@ -452,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ingest":
             return asyncio.run(ingest(args.config, args.paths))
         if args.command == "consent":
-            return asyncio.run(consent(args.config, args.identifier, args.allow))
+            return asyncio.run(admin_consent.run(args))
         if args.command == "network":
             return network_init(args.dir, args.name)
         if args.command == "invite":
@@ -465,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(bootstrap.run(args, say))
         if args.command == "user":
             return asyncio.run(add_user(args))
+        if args.command == "audit":
+            return asyncio.run(admin_audit.run(args))
         return run_devnet(args)
     except (TransmuralError, ProcessError) as error:
         print(f"transmural-admin: {error}", file=sys.stderr)

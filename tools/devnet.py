@@ -26,6 +26,7 @@ patients, and the servers run as separate processes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import NodeConfig
+from node.consent_desk import ConsentDesk
 from node.store import NodeStore
 from node.users import Clinicians
 from registry import operator
@@ -254,32 +256,45 @@ def ingest_all(net: DevNet, say: Callable[[str], None]) -> None:
 
 
 async def set_consent(net: DevNet, keep_consent: set[str], deny_once: set[str]) -> None:
-    """Consent for most (patient, facility) pairs; none where chosen.
+    """Consent recorded at the desk for most (patient, facility) pairs.
 
-    ``keep_consent`` patients consent everywhere; ``deny_once`` patients
-    refuse at the last facility that holds them, so the demo shows both.
+    Most pairs get a permit for all organisations; about NO_CONSENT_SHARE get
+    none (opt-in: that facility neither answers nor lists the patient).
+    ``keep_consent`` patients permit everywhere; ``deny_once`` patients
+    permit everyone but refuse node-1's organisation at the last facility
+    that holds them, so the demo shows a ``consent-denied`` answer.
     """
     rng = random.Random(2)
+    asker = net.configs[0].organisation_id
     stores = [await NodeStore.open(c.database) for c in net.configs]
     try:
+        desks = [ConsentDesk(store) for store in stores]
         for fhir_id in sorted(net.plan.patients):
             patient = net.plan.patients[fhir_id]
             identifier = _national_identifier(patient.identifiers, net.national_system)
             if identifier is None:
                 continue
             for position, index in enumerate(patient.nodes):
-                if fhir_id in keep_consent:
-                    allowed = True
-                elif fhir_id in deny_once:
-                    allowed = position != len(patient.nodes) - 1
-                else:
-                    allowed = rng.random() >= NO_CONSENT_SHARE
                 record = await stores[index].patient_by_identifier(
                     canonical(net.national_system, identifier)
                 )
-                if record is not None:
-                    await stores[index].set_exchange_consent(record.patient_key, allowed)
-                    net.consent[(fhir_id, index)] = allowed
+                if record is None:
+                    continue
+                desk = desks[index]
+                refuse_asker = fhir_id in deny_once and position == len(patient.nodes) - 1
+                allowed = fhir_id in keep_consent or fhir_id in deny_once
+                allowed = allowed or rng.random() >= NO_CONSENT_SHARE
+                consents = (
+                    [desk.blanket(record.patient_key, True, "devnet desk")] if allowed else []
+                )
+                if refuse_asker:
+                    deny = desk.blanket(record.patient_key, False, "devnet desk")
+                    consents.append(
+                        dataclasses.replace(deny, actor_kind="organisation", actor=asker)
+                    )
+                if consents:
+                    await desk.record(consents)
+                net.consent[(fhir_id, index)] = allowed and not refuse_asker
     finally:
         for store in stores:
             await store.close()

@@ -105,8 +105,11 @@ class Database:
         """One named write transaction; rolled back if anything in it fails."""
         async with self._lock:
             started = self._clock.monotonic()
-            await self._connection.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a task cancelled while BEGIN runs (on
+                # aiosqlite's thread) must still roll it back, or every later
+                # write on this connection fails.
+                await self._connection.execute("BEGIN IMMEDIATE")
                 yield self._connection
                 await self._connection.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,56 @@
+"""Recording consent: the one path every consent change takes.
+
+Whoever records a consent (the admin CLI at the desk, an import, devnet,
+later the patient portal) goes through ``ConsentDesk``: the consent is
+stored, the change is written to the audit log, and the patient's listing
+in the registry is queued for re-evaluation (the index follows consent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from node.audit import AuditLog, AuditRecord
+from node.consent import ConsentRecord, describe, new_consent_id
+from node.store import NodeStore
+from transmural.clock import Clock, SystemClock, utc_iso
+
+
+class ConsentDesk:
+    """Stores consent changes, audits them and re-lists the patient."""
+
+    def __init__(self, store: NodeStore, clock: Clock | None = None) -> None:
+        self._store = store
+        self._clock = clock or SystemClock()
+        self._audit = AuditLog(store.database, self._clock)
+
+    async def record(self, records: Sequence[ConsentRecord], action: str = "consent-add") -> None:
+        """Store consents (all or none), audit each, re-list their patients."""
+        await self._store.add_consents(records)
+        for record in records:
+            await self._changed(action, record)
+
+    async def withdraw(self, consent_id: str) -> ConsentRecord:
+        record = await self._store.withdraw_consent(consent_id, utc_iso(self._clock.now()))
+        await self._changed("consent-withdraw", record)
+        return record
+
+    def blanket(self, patient_key: int, permit: bool, recorded_by: str) -> ConsentRecord:
+        """A consent for all organisations and all data, from now on."""
+        now = utc_iso(self._clock.now())
+        return ConsentRecord(
+            consent_id=new_consent_id(), patient_key=patient_key,
+            decision="permit" if permit else "deny", actor_kind="all", actor="",
+            data=frozenset(), period_start=now[:10], period_end=None,
+            recorded_by=recorded_by, recorded_via="desk", recorded_at=now,
+        )  # fmt: skip
+
+    async def _changed(self, action: str, record: ConsentRecord) -> None:
+        await self._audit.append(
+            AuditRecord(
+                action=action, outcome="granted", side="local",
+                outcome_reason=describe(record), patient_key=record.patient_key,
+                clinician_id=record.recorded_by, consent_rule=record.consent_id,
+            )
+        )  # fmt: skip
+        await self._store.request_index_check(record.patient_key)
