@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,10 @@ def test_ingest_file_refused_names_the_path_as_given(
     assert admin.main(["ingest", "--config", str(config), given]) == 1
     err = capsys.readouterr().err
     assert f"refused: {given}: resourceType" in err
+    # The refused ingest is audited too, naming the folder, not the file.
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        rows = db.execute("SELECT action, outcome, outcome_reason FROM audit_log").fetchall()
+    assert len(rows) == 1
+    action, outcome, reason = rows[0]
+    assert (action, outcome) == ("ingest", "error") and "1 refused" in reason
+    assert "broken.json" not in reason

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -437,11 +438,14 @@ async def test_devnet_joins_through_bootstrap(
     assert calls == [tmp_path / "node-1"]
     assert said == ["node-1 joined as Ziekenhuis Noord (URA-90000001)"]
     devnet_node, container_node = tmp_path / "node-1", tmp_path / "node-2"
-    names = sorted(p.name for p in devnet_node.iterdir())
-    assert names == sorted(p.name for p in container_node.iterdir())
-    assert names == ["ca.crt", "network.key", "node.crt", "node.key", NODE_CONFIG]
+    names = sorted(p.name for p in devnet_node.iterdir() if not p.name.endswith(("-wal", "-shm")))
+    assert names == sorted(
+        p.name for p in container_node.iterdir() if not p.name.endswith(("-wal", "-shm"))
+    )
+    # node.db holds the join's audit record, the node's first.
+    assert names == ["ca.crt", "network.key", "node.crt", "node.db", "node.key", NODE_CONFIG]
     for folder in (devnet_node, container_node):
-        for private in ("node.key", "network.key", NODE_CONFIG):
+        for private in ("node.key", "network.key", "node.db", NODE_CONFIG):
             assert (folder / private).stat().st_mode & 0o777 == 0o600
     who = {"node_id", "organisation_id", "organisation_name"}
     devnet_config, container_config = (
@@ -496,3 +500,25 @@ def test_invite_specs_are_checked() -> None:
     for bad in ("node-1:URA-1", "Node 1:URA-1:A", "node-1::A"):
         with pytest.raises(InvalidInput):
             InviteSpec.parse(bad)
+
+
+def test_joining_writes_the_nodes_first_audit_record(tmp_path: Path) -> None:
+    """Flow 7: a join is audited at the node (the registry side logs the Join call)."""
+    network = init_network(tmp_path / "network", "Audit")
+
+    async def scenario() -> None:
+        server = RegistryServer(tmp_path / "registry.db", network_dir=network.folder)
+        await server.start()
+        try:
+            assert server.membership is not None and server.join_address
+            token = await server.membership.create_invite(
+                "URA-1", "Huisarts", "node-1", server.join_address
+            )
+            await tools.bootstrap.ensure_joined(tmp_path / "node-1", token)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+    with sqlite3.connect(tmp_path / "node-1" / "node.db") as db:
+        rows = db.execute("SELECT action, outcome, requesting_node FROM audit_log").fetchall()
+    assert rows == [("join", "granted", "node-1")]

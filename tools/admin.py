@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import signal
 import sys
 from pathlib import Path
 
+from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.ingest import ingest_file, ingest_folder
 from node.records import IngestReport
@@ -51,6 +53,7 @@ from tools import demo as demo_scenario
 from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
 from transmural import pki
+from transmural.clock import SystemClock
 from transmural.errors import ConfigError, InvalidBundle, TransmuralError
 from transmural.identifiers import BSN_SYSTEM
 from transmural.process import OneLineParser
@@ -76,6 +79,8 @@ async def ingest(config_path: Path, paths: list[Path]) -> int:
             for problem in refused:
                 print(f"refused: {_named(problem, path, is_dir)}", file=sys.stderr)
             failures += len(refused)
+            # A file name may be a patient's name (Synthea): record its folder only.
+            await _audit_ingest(store, path if is_dir else path.parent, reports, refused)
             skipped = await asyncio.to_thread(_skipped, path) if is_dir else ""
             say(
                 f"{len(reports)} bundles from {path}: {sum(r.patients for r in reports)} "
@@ -116,6 +121,23 @@ def _skipped(folder: Path) -> str:
 
 def _plural(count: int, noun: str) -> str:
     return noun if count == 1 else f"{noun}s"
+
+
+async def _audit_ingest(
+    store: NodeStore, path: Path, reports: list[IngestReport], refused: list[InvalidBundle]
+) -> None:
+    """One audit record per ingest run: what came in, what was refused (no patient data)."""
+    patients = sum(r.patients for r in reports)
+    await AuditLog(store.database, SystemClock()).append(
+        AuditRecord(
+            action="ingest",
+            outcome="error" if refused else "granted",
+            side="local",
+            outcome_reason=f"{len(reports)} bundles ({patients} patients) from {path}"
+            + (f"; {len(refused)} refused" if refused else ""),
+            clinician_id=getpass.getuser(),
+        )
+    )
 
 
 async def _ingest_path(

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
+from node.store import NodeStore
 from registry import const as registry_const
 from registry.enrolment import Membership
 from registry.index import check_node_id, check_text
@@ -226,7 +228,24 @@ async def ensure_joined(
         listen=listen, gateway_listen=gateway_listen,
     )  # fmt: skip
     await asyncio.to_thread(write_node_config, node_dir, config)
+    await _audit_join(config)
     return config
+
+
+async def _audit_join(config: NodeConfig) -> None:
+    """The node's first audit record: it joined the network, as whom, via which registry."""
+    store = await NodeStore.open(config.database)
+    try:
+        await AuditLog(store.database, SystemClock()).append(
+            AuditRecord(
+                action="join", outcome="granted", side="local",
+                outcome_reason=f"joined as {config.node_id} of {config.organisation_id} "
+                f"via the registry at {config.registry}",
+                organisation_id=config.organisation_id, requesting_node=config.node_id,
+            )
+        )  # fmt: skip
+    finally:
+        await store.close()
 
 
 def _check_kept(config: NodeConfig, node_id: str | None, token_text: str | None) -> None:
