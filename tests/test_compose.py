@@ -447,7 +447,8 @@ async def test_devnet_joins_through_bootstrap(
     for folder in (devnet_node, container_node):
         for private in ("node.key", "network.key", "node.db", NODE_CONFIG):
             assert (folder / private).stat().st_mode & 0o777 == 0o600
-    who = {"node_id", "organisation_id", "organisation_name"}
+    # Who the node is differs; so does break_the_glass, which the demo network turns on.
+    who = {"node_id", "organisation_id", "organisation_name", "break_the_glass"}
     devnet_config, container_config = (
         tomllib.loads((folder / NODE_CONFIG).read_text())
         for folder in (devnet_node, container_node)

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from node.audit import AuditLog
+from node.store import NodeStore
 from tools.clinician import search
 from tools.devnet import DevNet, _national_identifier
 from tools.gateway_client import ClientError, FacilityResult, GatewayClient
 from tools.spread import SpreadPlan
-from transmural.identifiers import BSN_SYSTEM, US_SSN_SYSTEM
+from transmural.clock import SystemClock
+from transmural.identifiers import BSN_SYSTEM, US_SSN_SYSTEM, canonical
+from transmural.pseudonym import Pseudonymiser, read_network_key
 
 #: Per national system, a value the node must refuse, and why it is wrong.
 INVALID_IDENTIFIERS = {
@@ -85,13 +89,67 @@ async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> str | None:
             reached |= len(answered) >= needed
             if not fetched and answered:
                 fetched = await _fetch_one(net, client, token, answered, out)
+            if fhir_id == picks.denied and any(r.status == "consent-denied" for r in results):
+                await _break_the_glass(net, client, token, results, out)
         await _invalid_identifier(client, net.national_system, out)
     finally:
         await client.close()
     _registry_summary(net, out)
+    await _audit_summary(net, out)
     if reached:
         return None
     return "no search reached two facilities" if needed == 2 else "no search returned documents"
+
+
+async def _break_the_glass(
+    net: DevNet,
+    client: GatewayClient,
+    token: str,
+    results: list[FacilityResult],
+    out: TextIO,
+) -> None:
+    """The refusing facility answers an emergency with a reason, and flags it."""
+    refusing = next(r for r in results if r.status == "consent-denied")
+    reason = "unconscious in the emergency department"
+    print(
+        f"\n== Break-the-glass: the same patient, in an emergency (this network allows it)\n"
+        f"$ transmural --purpose emergency --reason '{reason}' search '{token}'",
+        file=out,
+    )
+    await search(client, token, "emergency", False, out, table_limit=3, reason=reason)
+    index = next(i for i, c in enumerate(net.configs) if c.node_id == refusing.node_id)
+    store = await NodeStore.open(net.configs[index].database)
+    try:
+        records = await AuditLog(store.database, SystemClock()).export(None, _pseudonym(net, token))
+    finally:
+        await store.close()
+    for record in [r for r in records if r.break_the_glass][-1:]:
+        print(
+            f"{refusing.node_id}'s audit log: {record.time} {record.action} {record.outcome} "
+            f"by {record.clinician_id} ({record.role}, {record.organisation_id}) "
+            f'from {record.requesting_node}: "{record.break_the_glass_reason}"',
+            file=out,
+        )
+
+
+def _pseudonym(net: DevNet, token: str) -> str:
+    system, _, value = token.rpartition("|")
+    key = read_network_key(net.configs[0].network_key_file)
+    return Pseudonymiser(key).pseudonym(canonical(system, value)).hex()
+
+
+async def _audit_summary(net: DevNet, out: TextIO) -> None:
+    """Each node's audit chain, verified (transmural-admin audit verify)."""
+    print("\n== Every access above is in each node's hash-chained audit log", file=out)
+    for config in net.configs:
+        store = await NodeStore.open(config.database)
+        try:
+            report = await AuditLog(store.database, SystemClock()).verify()
+        finally:
+            await store.close()
+        state = "chain intact" if report.ok else f"BROKEN: {report.first_problem}"
+        print(f"$ transmural-admin audit verify --db {config.database}\n"
+              f"  {report.records} records, {state}", file=out)  # fmt: skip
 
 
 async def _invalid_identifier(client: GatewayClient, system: str, out: TextIO) -> None:

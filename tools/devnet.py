@@ -177,6 +177,9 @@ async def enrol(net: DevNet, say: Callable[[str], None]) -> None:
             # The same first-start step as a container's (compose/entrypoint.sh).
             config = await ensure_joined(folder, token, national_system=net.national_system)
             say(f"{config.node_id} joined as {name} ({organisation_id})")
+            # The demo network allows break-the-glass (a network-wide setting).
+            config = dataclasses.replace(config, break_the_glass=True)
+            write_node_config(folder, config)
         net.configs.append(config)
 
 

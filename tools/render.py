@@ -19,7 +19,7 @@ from tools.gateway_client import FacilityResult, Holders
 
 def facility_line(result: FacilityResult) -> str:
     """One line per facility, printed the moment it answers."""
-    detail = f"{len(result.documents)} documents" if result.status == "ok" else result.message
+    detail = _count(len(result.documents), "document") if result.status == "ok" else result.message
     return (
         f"  {result.status:<15} {result.node_id:<10} {_cut(result.organisation, 36):<36} "
         f"{result.elapsed_ms:>6} ms  {detail}".rstrip()
