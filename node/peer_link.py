@@ -20,6 +20,7 @@ from node.convert import document_from_proto, status_from_proto
 from node.records import DocumentRecord
 from transmural import pki, transport
 from transmural.errors import InvalidInput, NotFound, PermissionDenied, TransmuralError, Unavailable
+from transmural.status import from_server
 from transmural.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class PeerChannels:
             response = await self.stub(facility).FindDocuments(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as error:
             self._note_failure(facility, error)
+            if from_server(error):  # it answered, with a refusal or its own failure
+                return Status.ERROR, f"{error.code().name}: {error.details() or ''}", []
             status = _PEER_STATUS.get(error.code(), Status.ERROR)
             return status, _describe(error), []
         self._warned.discard(facility.node_id)

@@ -18,6 +18,7 @@ from node.registry_link import RegistryLink
 from tests.conftest import NetworkFactory, RunningNetwork, collect, node_tls
 from tests.test_search import bsn_of
 from tools.gateway_client import ClientError
+from transmural.errors import Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical
 
 
@@ -228,3 +229,26 @@ async def test_stale_listing_is_withdrawn_when_consent_says_so(
         [IndexChange(1, pseudonym, False)]
     )
     assert resolved[0].withdrawn, "no consent under opt-in: the entry must be withdrawn"
+
+
+async def test_no_access_without_its_audit_record(
+    net: RunningNetwork, synthetic_bundles: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """node-2 cannot write its audit log: it refuses, and says so; nothing leaks."""
+    bsn, key = await two_facility_patient(net, synthetic_bundles)
+    await record(net, consent(ConsentDesk(net.nodes[1].store), key, True))
+    before = (await net.nodes[1].audit.verify()).records
+    audit = net.nodes[1].audit
+
+    async def disk_full(record: object) -> object:
+        raise Unavailable("the audit log cannot be written: database or disk is full")
+
+    monkeypatch.setattr(audit, "append", disk_full)
+    _, results = await collect(net.client(0), bsn)
+
+    answer = results["node-2"]
+    assert answer.status == "error" and answer.documents == []
+    assert "audit log cannot be written" in answer.message
+    monkeypatch.undo()
+    report = await net.nodes[1].audit.verify()
+    assert report.ok and report.records == before
