@@ -1,4 +1,4 @@
-"""The words of a search: who asks, which facility, what it answered.
+"""The words of a search or report: who asks, which facility, what it answered.
 
 Plain data shared by the holder (answering side) and the gateway (asking
 side); the service layer converts these to and from protobuf.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from node.clinical_items import ClinicalItem
 from node.records import DocumentRecord
 
 
@@ -49,10 +50,11 @@ class Facility:
 
 @dataclass(frozen=True, slots=True)
 class HolderAnswer:
-    """What the holder decided: OK with documents, or a status with none."""
+    """What the holder decided: OK with documents (or report items), or a status with none."""
 
     status: Status
     documents: list[DocumentRecord] = field(default_factory=list)
+    items: list[ClinicalItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,17 @@ class FacilityAnswer:
     elapsed_ms: int
     message: str = ""
     documents: list[DocumentRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityItemsAnswer:
+    """One facility's answer in a live report: its entries instead of documents."""
+
+    facility: Facility
+    status: Status
+    elapsed_ms: int
+    message: str = ""
+    items: list[ClinicalItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

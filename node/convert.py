@@ -7,6 +7,7 @@ sees dataclasses from ``node.answers`` and ``node.records``.
 from __future__ import annotations
 
 from node.answers import Facility, Status
+from node.clinical_items import ClinicalItem
 from node.records import DocumentRecord
 from transmural.v1 import common_pb2
 
@@ -77,4 +78,34 @@ def document_from_proto(message: common_pb2.DocumentMetadata) -> DocumentRecord:
         sha256=message.sha256,
         created=message.created,
         author_organisation=message.author_organisation,
+    )
+
+
+def item_to_proto(item: ClinicalItem) -> common_pb2.ClinicalItem:
+    return common_pb2.ClinicalItem(
+        section=item.section,
+        code_system=item.code_system,
+        code=item.code,
+        display=item.display,
+        status=item.status,
+        date=item.date,
+        value=item.value,
+        unit=item.unit,
+        resource_id=item.resource_id,
+        resource_json=item.resource_json,
+    )
+
+
+def item_from_proto(message: common_pb2.ClinicalItem) -> ClinicalItem:
+    return ClinicalItem(
+        section=message.section,
+        code_system=message.code_system,
+        code=message.code,
+        display=message.display,
+        status=message.status,
+        date=message.date,
+        value=message.value,
+        unit=message.unit,
+        resource_id=message.resource_id,
+        resource_json=message.resource_json,
     )

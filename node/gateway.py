@@ -5,6 +5,9 @@ holder at once, each under its own deadline, and hand each answer on the
 moment it arrives. A slow or dead peer never holds back the others: its
 own deadline turns it into ``timeout`` or ``unreachable``.
 
+A search asks for documents, the live report for structured entries; both
+run the same fan-out (``Gateway._fan_out``), only the peer call differs.
+
 The gateway talks to the registry and to peers through two small ports
 (``HolderIndex``, ``PeerLink``) so that it never touches gRPC itself.
 """
@@ -14,11 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from node import const
-from node.answers import Facility, FacilityAnswer, Located, Requester, Status
+from node.answers import (
+    Facility,
+    FacilityAnswer,
+    FacilityItemsAnswer,
+    Located,
+    Requester,
+    Status,
+)
+from node.clinical_items import ClinicalItem
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
 from transmural.errors import InvalidInput, NotFound, Unavailable
@@ -37,6 +48,18 @@ class HolderIndex(Protocol):
     async def locate(self, pseudonym: bytes) -> list[Facility]: ...
 
 
+#: What a facility answers with: documents (search) or report entries.
+Part = TypeVar("Part")
+#: The answer the fan-out yields per facility: FacilityAnswer or FacilityItemsAnswer.
+Answer = TypeVar("Answer")
+#: One question to one peer: (facility, pseudonym, requester, correlation id, deadline).
+PeerCall = Callable[
+    [Facility, bytes, Requester, str, float], Awaitable[tuple[Status, str, list[Part]]]
+]
+#: Builds the answer from (facility, status, elapsed ms, message, parts).
+AnswerOf = Callable[[Facility, Status, int, str, list[Part]], Answer]
+
+
 class PeerLink(Protocol):
     """Calls to other nodes. Transport failures come back as statuses."""
 
@@ -48,6 +71,15 @@ class PeerLink(Protocol):
         correlation_id: str,
         deadline_s: float,
     ) -> tuple[Status, str, list[DocumentRecord]]: ...
+
+    async def find_items(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> tuple[Status, str, list[ClinicalItem]]: ...
 
     def fetch_document(
         self,
@@ -77,7 +109,7 @@ class AskingAudit(Protocol):
 
 
 class Gateway:
-    """Search and fetch across the network on a clinician's behalf."""
+    """Search, report and fetch across the network on a clinician's behalf."""
 
     def __init__(
         self,
@@ -95,34 +127,23 @@ class Gateway:
         self._clock = clock or SystemClock()
         self._default_deadline_s = default_deadline_s
 
-    async def search(
+    def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
     ) -> AsyncIterator[Located | FacilityAnswer]:
-        """Yield the holders found, then each facility's answer as it arrives."""
-        check_requester(requester)
-        deadline = self._deadline(deadline_s)
-        pseudonym = self._pseudonymiser.pseudonym(identifier)
-        correlation_id = uuid.uuid4().hex
-        holders = await self._index.locate(pseudonym)
-        log.info("search %s: %d holders", correlation_id, len(holders))
-        # Logged before anyone is asked: no access without its audit record.
-        await self._record(
-            "search", "granted", requester, pseudonym, correlation_id,
-            f"asked {len(holders)} facilities: {', '.join(f.node_id for f in holders)}",
+        """Yield the holders found, then each facility's documents as they arrive."""
+        return self._fan_out(
+            "search", identifier, requester, deadline_s,
+            self._peers.find_documents, FacilityAnswer, _document_ids,
         )  # fmt: skip
-        yield Located(holders, correlation_id)
-        tasks = [
-            asyncio.create_task(self._ask(f, pseudonym, requester, correlation_id, deadline))
-            for f in holders
-        ]
-        try:
-            for finished in asyncio.as_completed(tasks):
-                answer = await finished
-                await self._record_answer(answer, requester, pseudonym, correlation_id)
-                yield answer
-        finally:
-            for task in tasks:
-                task.cancel()
+
+    def report(
+        self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
+    ) -> AsyncIterator[Located | FacilityItemsAnswer]:
+        """Yield the holders found, then each facility's report entries as they arrive."""
+        return self._fan_out(
+            "report", identifier, requester, deadline_s,
+            self._peers.find_items, FacilityItemsAnswer, _no_ids,
+        )  # fmt: skip
 
     async def fetch(
         self, identifier: Identifier, node_id: str, document_id: str, requester: Requester
@@ -176,45 +197,95 @@ class Gateway:
                 documents=documents or [],
             )  # fmt: skip
 
-    async def _record_answer(
-        self, answer: FacilityAnswer, requester: Requester, pseudonym: bytes, correlation_id: str
-    ) -> None:
-        outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(
-            answer.status, "error"
-        )
-        await self._record(
-            "search-answer", outcome, requester, pseudonym, correlation_id,
-            f"{answer.facility.node_id}: {answer.status}", node=answer.facility.node_id,
-            documents=[d.document_id for d in answer.documents],
-        )  # fmt: skip
-
     def _deadline(self, deadline_s: float | None) -> float:
         if deadline_s is None or deadline_s <= 0:
             return self._default_deadline_s
         return min(deadline_s, const.MAX_PEER_DEADLINE_S)
 
+    async def _fan_out(
+        self,
+        action: str,
+        identifier: Identifier,
+        requester: Requester,
+        deadline_s: float | None,
+        call: PeerCall[Part],
+        answer: AnswerOf[Part, Answer],
+        audited: Callable[[list[Part]], list[str]],
+    ) -> AsyncIterator[Located | Answer]:
+        """Ask every holder with ``call``; yield Located, then ``answer``s as they arrive.
+
+        Search and report differ only in the peer call, the answer type and
+        which ids the audit record names (``audited``); the order, deadlines
+        and audit records (``action``, then ``<action>-answer`` per facility)
+        are this one method's.
+        """
+        check_requester(requester)
+        deadline = self._deadline(deadline_s)
+        pseudonym = self._pseudonymiser.pseudonym(identifier)
+        correlation_id = uuid.uuid4().hex
+        holders = await self._index.locate(pseudonym)
+        log.info("%s %s: %d holders", action, correlation_id, len(holders))
+        # Logged before anyone is asked: no access without its audit record.
+        await self._record(
+            action, "granted", requester, pseudonym, correlation_id,
+            f"asked {len(holders)} facilities: {', '.join(f.node_id for f in holders)}",
+        )  # fmt: skip
+        yield Located(holders, correlation_id)
+        tasks = [
+            asyncio.create_task(
+                self._ask(action, call, f, pseudonym, requester, correlation_id, deadline)
+            )
+            for f in holders
+        ]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                facility, status, elapsed_ms, message, parts = await finished
+                outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(
+                    status, "error"
+                )
+                await self._record(
+                    f"{action}-answer", outcome, requester, pseudonym, correlation_id,
+                    f"{facility.node_id}: {status}", node=facility.node_id,
+                    documents=audited(parts),
+                )  # fmt: skip
+                yield answer(facility, status, elapsed_ms, message, parts)
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def _ask(
         self,
+        action: str,
+        call: PeerCall[Part],
         facility: Facility,
         pseudonym: bytes,
         requester: Requester,
         correlation_id: str,
         deadline_s: float,
-    ) -> FacilityAnswer:
+    ) -> tuple[Facility, Status, int, str, list[Part]]:
         started = self._clock.monotonic()
         try:
             # The peer link enforces the deadline on the wire; this is the
-            # belt to its braces, so one peer can never stall the search.
+            # belt to its braces, so one peer can never stall the fan-out.
             async with asyncio.timeout(deadline_s + 0.5):
-                status, message, documents = await self._peers.find_documents(
+                status, message, parts = await call(
                     facility, pseudonym, requester, correlation_id, deadline_s
                 )
         except TimeoutError:
-            status, message, documents = Status.TIMEOUT, "no answer before the deadline", []
+            status, message, parts = Status.TIMEOUT, "no answer before the deadline", []
         elapsed_ms = int((self._clock.monotonic() - started) * 1000)
         if status is not Status.OK:
-            log.info("search %s: %s answered %s", correlation_id, facility.node_id, status)
-        return FacilityAnswer(facility, status, elapsed_ms, message, documents)
+            log.info("%s %s: %s answered %s", action, correlation_id, facility.node_id, status)
+        return facility, status, elapsed_ms, message, parts
+
+
+def _document_ids(documents: list[DocumentRecord]) -> list[str]:
+    return [d.document_id for d in documents]
+
+
+def _no_ids(items: list[ClinicalItem]) -> list[str]:
+    """A report's audit records name no documents; the holder logs the count."""
+    return []
 
 
 def check_requester(requester: Requester) -> None:

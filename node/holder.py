@@ -5,16 +5,26 @@ consents decide (``node.consent.decide``), writes the audit record, and
 only then lists documents or opens one. A denial carries nothing else: no
 metadata, no count. No access happens without its audit record: if the
 record cannot be written, the access is refused.
+
+The live report's entries (``find_items``) are filtered as documents are:
+an entry whose resource shows a denied data category is left out. An entry
+of no category of its own (a vital sign, a procedure, an immunisation) is
+data recorded in an encounter and counts as ``encounters``: a consent that
+shares only medication does not let it through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from node.answers import HolderAnswer, Requester, Status
 from node.audit import AuditLog, AuditRecord
+from node.categories import resource_categories
+from node.clinical_items import REPORT_TYPES, Extraction, extract
 from node.consent import ConsentDecision, ConsentPolicy, decide
 from node.records import DocumentRecord, PatientRecord
 from node.store import NodeStore
@@ -53,31 +63,10 @@ class RecordHolder:
         self, pseudonym: bytes, requester: Requester, origin: Origin
     ) -> HolderAnswer:
         """The patient's documents here that consent allows, or why there are none."""
-        patient = await self._patient(pseudonym)
-        if patient is None:
-            await self._log(
-                "search",
-                "denied",
-                requester,
-                origin,
-                pseudonym,
-                None,
-                reason="no record of this patient here",
-            )
-            return HolderAnswer(Status.NO_RECORD)
-        decision = await self._decide(patient, requester)
-        if not decision.allowed:
-            await self._log(
-                "search",
-                "denied",
-                requester,
-                origin,
-                pseudonym,
-                patient,
-                decision=decision,
-                reason="consent",
-            )
-            return HolderAnswer(Status.CONSENT_DENIED)
+        found = await self._consented("search", pseudonym, requester, origin)
+        if isinstance(found, Status):
+            return HolderAnswer(found)
+        patient, decision = found
         documents = [
             d
             for d in await self._store.documents_of(patient.patient_key)
@@ -102,6 +91,41 @@ class RecordHolder:
             decision.rule,
         )
         return HolderAnswer(Status.OK, documents)
+
+    async def find_items(
+        self, pseudonym: bytes, requester: Requester, origin: Origin
+    ) -> HolderAnswer:
+        """The patient's report entries here that consent allows, or why there are none.
+
+        As ``find_documents``: one decision, one audit record (action
+        ``report``, the number of entries in its reason, no document ids).
+        """
+        found = await self._consented("report", pseudonym, requester, origin)
+        if isinstance(found, Status):
+            return HolderAnswer(found)
+        patient, decision = found
+        resources = await self._store.resources_of(patient.patient_key, REPORT_TYPES)
+        extraction = await asyncio.to_thread(_shared_items, resources, decision)
+        await self._log(
+            "report",
+            "granted",
+            requester,
+            origin,
+            pseudonym,
+            patient,
+            decision=decision,
+            reason=f"{len(extraction.items)} items ({decision.rule})",
+        )
+        log.info(
+            "report %s: %d items (%d without a code left out) to %s of %s (%s)",
+            origin.correlation_id,
+            len(extraction.items),
+            extraction.skipped,
+            requester.clinician_id,
+            origin.node_id,
+            decision.rule,
+        )
+        return HolderAnswer(Status.OK, items=extraction.items)
 
     async def open_document(
         self, pseudonym: bytes, document_id: str, requester: Requester, origin: Origin
@@ -165,6 +189,37 @@ class RecordHolder:
         )
         return document, self._store.document_chunks(document_id)
 
+    async def _consented(
+        self, action: str, pseudonym: bytes, requester: Requester, origin: Origin
+    ) -> tuple[PatientRecord, ConsentDecision] | Status:
+        """The patient and a decision that allows something, or (logged) why there is none."""
+        patient = await self._patient(pseudonym)
+        if patient is None:
+            await self._log(
+                action,
+                "denied",
+                requester,
+                origin,
+                pseudonym,
+                None,
+                reason="no record of this patient here",
+            )
+            return Status.NO_RECORD
+        decision = await self._decide(patient, requester)
+        if not decision.allowed:
+            await self._log(
+                action,
+                "denied",
+                requester,
+                origin,
+                pseudonym,
+                patient,
+                decision=decision,
+                reason="consent",
+            )
+            return Status.CONSENT_DENIED
+        return patient, decision
+
     async def _decide(self, patient: PatientRecord, requester: Requester) -> ConsentDecision:
         consents = await self._store.consents_of(patient.patient_key)
         return decide(
@@ -220,3 +275,14 @@ class RecordHolder:
                 correlation_id=origin.correlation_id,
             )
         )
+
+
+def _shared_items(resources: list[dict[str, Any]], decision: ConsentDecision) -> Extraction:
+    """Entries of the resources whose data categories the decision shares (module doc)."""
+    denied = decision.denied_categories
+
+    def shared(resource: dict[str, Any]) -> bool:
+        categories = resource_categories(resource) or {"encounters"}
+        return not categories & denied
+
+    return extract(r for r in resources if shared(r))

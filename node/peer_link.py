@@ -9,14 +9,16 @@ refused or dead connection ``unreachable``, anything else ``error``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import grpc
 
 from node import const
 from node.answers import Facility, Requester, Status
 from node.assertions import AssertionSigner
-from node.convert import document_from_proto, status_from_proto
+from node.clinical_items import ClinicalItem
+from node.convert import document_from_proto, item_from_proto, status_from_proto
 from node.records import DocumentRecord
 from transmural import pki, transport
 from transmural.errors import InvalidInput, NotFound, PermissionDenied, TransmuralError, Unavailable
@@ -24,6 +26,16 @@ from transmural.status import from_server
 from transmural.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class _Answer(Protocol):
+    """A peer's unary answer (FindDocumentsResponse, FindItemsResponse)."""
+
+    @property
+    def status(self) -> common_pb2.FacilityStatus: ...
+
+
+Response = TypeVar("Response", bound=_Answer)
 
 _PEER_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Status.TIMEOUT,
@@ -82,20 +94,56 @@ class PeerChannels:
             correlation_id=correlation_id,
             assertion=self._assertion(requester, pseudonym, facility),
         )
+        status, message, response = await self._ask(
+            facility, self.stub(facility).FindDocuments, request, deadline_s
+        )
+        documents = [] if response is None else response.documents
+        return status, message, [document_from_proto(d) for d in documents]
+
+    async def find_items(
+        self,
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> tuple[Status, str, list[ClinicalItem]]:
+        request = peer_pb2.FindItemsRequest(
+            pseudonym=pseudonym,
+            correlation_id=correlation_id,
+            assertion=self._assertion(requester, pseudonym, facility),
+        )
+        status, message, response = await self._ask(
+            facility, self.stub(facility).FindItems, request, deadline_s
+        )
+        items = [] if response is None else response.items
+        return status, message, [item_from_proto(i) for i in items]
+
+    async def _ask(
+        self,
+        facility: Facility,
+        method: Callable[..., Awaitable[Response]],
+        request: object,
+        deadline_s: float,
+    ) -> tuple[Status, str, Response | None]:
+        """One unary question to a peer: (status, message, response or None).
+
+        A transport failure or an answer this node does not understand comes
+        back as a status with no response; the response is there only with
+        OK, so a refusal can never carry data on.
+        """
         try:
-            response = await self.stub(facility).FindDocuments(request, timeout=deadline_s)
+            response = await method(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as error:
             self._note_failure(facility, error)
             if from_server(error):  # it answered, with a refusal or its own failure
-                return Status.ERROR, f"{error.code().name}: {error.details() or ''}", []
-            status = _PEER_STATUS.get(error.code(), Status.ERROR)
-            return status, _describe(error), []
+                return Status.ERROR, f"{error.code().name}: {error.details() or ''}", None
+            return _PEER_STATUS.get(error.code(), Status.ERROR), _describe(error), None
         self._warned.discard(facility.node_id)
         answered = status_from_proto(response.status)
         if answered not in (Status.OK, Status.NO_RECORD, Status.CONSENT_DENIED):
-            return Status.ERROR, "the facility sent an answer this node does not understand", []
-        documents = [document_from_proto(d) for d in response.documents]
-        return answered, "", documents if answered is Status.OK else []
+            return Status.ERROR, "the facility sent an answer this node does not understand", None
+        return answered, "", response if answered is Status.OK else None
 
     async def fetch_document(
         self,

@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from node.answers import FacilityAnswer, Located, Requester
+from node.answers import FacilityAnswer, FacilityItemsAnswer, Located, Requester
 from node.assertions import AssertionCheck
 from node.convert import (
     document_to_proto,
     facility_to_proto,
+    item_to_proto,
     status_to_proto,
 )
 from node.gateway import Gateway
@@ -62,6 +63,19 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         return peer_pb2.FindDocumentsResponse(
             status=status_to_proto(answer.status),
             documents=[document_to_proto(d) for d in answer.documents],
+        )
+
+    @maps_errors
+    async def FindItems(
+        self, request: peer_pb2.FindItemsRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.FindItemsResponse:
+        requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
+        answer = await self._holder.find_items(
+            request.pseudonym, requester, _origin(context, request.correlation_id)
+        )
+        return peer_pb2.FindItemsResponse(
+            status=status_to_proto(answer.status),
+            items=[item_to_proto(i) for i in answer.items],
         )
 
     @maps_errors
@@ -125,6 +139,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             yield _search_event(event)
 
     @maps_errors
+    async def Report(
+        self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.ReportEvent]:
+        requester = await self._requester(context, request)
+        identifier = self._identifier(request.patient)
+        deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
+        async for event in self._gateway.report(identifier, requester, deadline_s):
+            yield _report_event(event)
+
+    @maps_errors
     async def FetchDocument(
         self, request: gateway_pb2.GatewayFetchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
@@ -164,14 +188,16 @@ def _bearer_token(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _located(event: Located) -> gateway_pb2.Located:
+    return gateway_pb2.Located(
+        holders=[facility_to_proto(f) for f in event.holders],
+        correlation_id=event.correlation_id,
+    )
+
+
 def _search_event(event: Located | FacilityAnswer) -> gateway_pb2.SearchEvent:
     if isinstance(event, Located):
-        return gateway_pb2.SearchEvent(
-            located=gateway_pb2.Located(
-                holders=[facility_to_proto(f) for f in event.holders],
-                correlation_id=event.correlation_id,
-            )
-        )
+        return gateway_pb2.SearchEvent(located=_located(event))
     return gateway_pb2.SearchEvent(
         result=gateway_pb2.FacilityResult(
             facility=facility_to_proto(event.facility),
@@ -179,5 +205,19 @@ def _search_event(event: Located | FacilityAnswer) -> gateway_pb2.SearchEvent:
             message=event.message,
             elapsed_ms=event.elapsed_ms,
             documents=[document_to_proto(d) for d in event.documents],
+        )
+    )
+
+
+def _report_event(event: Located | FacilityItemsAnswer) -> gateway_pb2.ReportEvent:
+    if isinstance(event, Located):
+        return gateway_pb2.ReportEvent(located=_located(event))
+    return gateway_pb2.ReportEvent(
+        items=gateway_pb2.FacilityItems(
+            facility=facility_to_proto(event.facility),
+            status=status_to_proto(event.status),
+            message=event.message,
+            elapsed_ms=event.elapsed_ms,
+            items=[item_to_proto(i) for i in event.items],
         )
     )

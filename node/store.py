@@ -13,6 +13,7 @@ The read API is what the peer service needs and no more; rows come back as
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import sqlite3
@@ -186,6 +187,25 @@ class NodeStore:
 
     async def resource_count(self) -> int:
         return await self._count("resources")
+
+    async def resources_of(
+        self, patient_key: int, resource_types: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """The patient's stored resources of these types, as stored (references as Type/id).
+
+        A long record is thousands of resources: the JSON is parsed in a worker
+        thread so the event loop keeps serving other peers meanwhile.
+        """
+        if not resource_types:
+            return []
+        marks = ", ".join("?" * len(resource_types))
+        rows = await self._db.fetch(
+            f"SELECT json FROM resources WHERE patient_key = ? AND resource_type IN ({marks}) "
+            "ORDER BY resource_key",
+            (patient_key, *resource_types),
+        )
+        texts = [row[0] for row in rows]
+        return await asyncio.to_thread(lambda: [json.loads(text) for text in texts])
 
     async def resolve(self, reference: str) -> dict[str, Any] | None:
         """The resource a literal or conditional reference points at, if stored."""
