@@ -100,7 +100,8 @@ OUTCOMES: tuple[str, ...] = ("granted", "denied", "error")
 SIDES: tuple[str, ...] = ("asking", "answering", "local")
 #: The actions the node logs today; others may be added (lowercase words and dashes).
 ACTIONS: tuple[str, ...] = (
-    "search", "fetch", "report", "consent-add", "consent-withdraw", "consent-import",
+    "search", "search-answer", "fetch", "fetch-answer", "report", "report-answer",
+    "consent-add", "consent-withdraw", "consent-import",
     "break-the-glass", "ingest", "join", "index-publish", "audit-export",
 )  # fmt: skip
 _ACTION = re.compile(r"^[a-z][a-z0-9-]{0,63}$")

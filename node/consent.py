@@ -118,6 +118,11 @@ class ConsentRecord:
             raise InvalidInput(f"consent {self.consent_id}: {problem}")
 
 
+_ORGANISATION_ID = re.compile(
+    rf"[A-Za-z0-9][A-Za-z0-9:._-]{{0,{MAX_ORGANISATION_ID_LENGTH - 1}}}"
+)
+
+
 def _problem(record: ConsentRecord) -> str:
     """What makes ``record`` invalid, or ""."""
     if not is_consent_id(record.consent_id):
@@ -135,10 +140,12 @@ def _problem(record: ConsentRecord) -> str:
         return "a consent for all organisations names no organisation or category"
     if record.actor_kind == "category" and record.actor not in ORGANISATION_CATEGORIES:
         return f"organisation category must be one of {', '.join(ORGANISATION_CATEGORIES)}"
-    if record.actor_kind == "organisation" and not _is_text(
-        record.actor, MAX_ORGANISATION_ID_LENGTH, spaces=False
-    ):
-        return f"organisation id must be 1 to {MAX_ORGANISATION_ID_LENGTH} printable characters"
+    if record.actor_kind == "organisation" and not _ORGANISATION_ID.fullmatch(record.actor):
+        # As certificates spell it (e.g. URA-90000001): a look-alike never matches.
+        return (
+            f"organisation id must be 1 to {MAX_ORGANISATION_ID_LENGTH} characters of "
+            "A-Z, 0-9 and : . _ -, starting with a letter or digit, as the network spells it"
+        )
     unknown = sorted(record.data - ALL_DATA)
     if unknown:
         return f"unknown data categories {', '.join(unknown)}; use {', '.join(DATA_CATEGORIES)}"

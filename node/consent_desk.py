@@ -24,15 +24,22 @@ class ConsentDesk:
         self._clock = clock or SystemClock()
         self._audit = AuditLog(store.database, self._clock)
 
-    async def record(self, records: Sequence[ConsentRecord], action: str = "consent-add") -> None:
-        """Store consents (all or none), audit each, re-list their patients."""
+    async def record(
+        self, records: Sequence[ConsentRecord], action: str = "consent-add", by: str = ""
+    ) -> None:
+        """Store consents (all or none), audit each, re-list their patients.
+
+        ``by`` is who made the change here (an import's operator), when it is
+        not the consent's own ``recorded_by``.
+        """
         await self._store.add_consents(records)
         for record in records:
-            await self._changed(action, record)
+            await self._changed(action, record, by or record.recorded_by)
 
-    async def withdraw(self, consent_id: str) -> ConsentRecord:
+    async def withdraw(self, consent_id: str, by: str) -> ConsentRecord:
+        """Withdraw a consent; ``by`` is who withdrew it (audited)."""
         record = await self._store.withdraw_consent(consent_id, utc_iso(self._clock.now()))
-        await self._changed("consent-withdraw", record)
+        await self._changed("consent-withdraw", record, by)
         return record
 
     def blanket(self, patient_key: int, permit: bool, recorded_by: str) -> ConsentRecord:
@@ -45,12 +52,12 @@ class ConsentDesk:
             recorded_by=recorded_by, recorded_via="desk", recorded_at=now,
         )  # fmt: skip
 
-    async def _changed(self, action: str, record: ConsentRecord) -> None:
+    async def _changed(self, action: str, record: ConsentRecord, by: str) -> None:
         await self._audit.append(
             AuditRecord(
                 action=action, outcome="granted", side="local",
                 outcome_reason=describe(record), patient_key=record.patient_key,
-                clinician_id=record.recorded_by, consent_rule=record.consent_id,
+                clinician_id=by, consent_rule=record.consent_id,
             )
         )  # fmt: skip
         await self._store.request_index_check(record.patient_key)

@@ -19,6 +19,8 @@ ASSERTION_LIFETIME_S = 120
 
 #: How often a node re-registers its directory entry with the registry.
 REGISTER_INTERVAL_S = 30.0
+#: How often the publisher re-checks patients whose consents start or end in time.
+LISTING_SWEEP_S = 30.0
 #: How often the publisher looks for new index changes when idle.
 PUBLISH_POLL_S = 0.5
 #: First and longest wait before retrying a registry that did not answer.

@@ -32,7 +32,13 @@ from node.answers import (
 from node.clinical_items import ClinicalItem
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
-from transmural.errors import InvalidInput, NotFound, Unavailable
+from transmural.errors import (
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    TransmuralError,
+    Unavailable,
+)
 from transmural.identifiers import Identifier
 from transmural.pseudonym import Pseudonymiser
 
@@ -164,9 +170,28 @@ class Gateway:
         pieces = self._peers.fetch_document(
             facility, pseudonym, document_id, requester, correlation_id
         )
+        try:
+            async for piece in self._within_deadline(pieces, node_id):
+                yield piece
+        except TransmuralError as refused:
+            # The facility's answer, as the asking side saw it.
+            outcome = "denied" if isinstance(refused, PermissionDenied | NotFound) else "error"
+            await self._record(
+                "fetch-answer", outcome, requester, pseudonym, correlation_id,
+                f"{node_id}: {refused}", node=node_id, documents=[document_id],
+            )  # fmt: skip
+            raise
+        await self._record(
+            "fetch-answer", "granted", requester, pseudonym, correlation_id,
+            f"{node_id}: received", node=node_id, documents=[document_id],
+        )  # fmt: skip
+
+    async def _within_deadline(
+        self, pieces: AsyncGenerator[tuple[DocumentRecord | None, bytes]], node_id: str
+    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
+        """Each chunk within the peer deadline: a frozen facility is reported in
+        seconds, while a large document may take minutes."""
         while True:
-            # Each chunk within the peer deadline: a frozen facility is
-            # reported in seconds, while a large document may take minutes.
             try:
                 async with asyncio.timeout(self._default_deadline_s):
                     piece = await anext(pieces)
@@ -228,7 +253,8 @@ class Gateway:
         # Logged before anyone is asked: no access without its audit record.
         await self._record(
             action, "granted", requester, pseudonym, correlation_id,
-            f"asked {len(holders)} facilities: {', '.join(f.node_id for f in holders)}",
+            f"asked {len(holders)} {'facility' if len(holders) == 1 else 'facilities'}: "
+            f"{', '.join(f.node_id for f in holders)}",
         )  # fmt: skip
         yield Located(holders, correlation_id)
         tasks = [

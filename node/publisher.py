@@ -44,6 +44,7 @@ class IndexPublisher:
         self._facility = facility
         self._clock = clock or SystemClock()
         self._registered_at: float | None = None
+        self._swept_at: float | None = None
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -67,6 +68,7 @@ class IndexPublisher:
             if failing:
                 log.warning("the registry answers again; publishing resumed")
             failing, retry_s = False, const.PUBLISH_RETRY_MIN_S
+            await self._sweep_when_due()
             if sent == 0:
                 await self._idle()
 
@@ -87,6 +89,19 @@ class IndexPublisher:
         if total:
             log.info("published %d index changes", total)
         return total
+
+    async def _sweep_when_due(self) -> None:
+        """Re-queue patients whose consents start or end in time (index follows consent)."""
+        if self._listing is None:
+            return
+        now = self._clock.monotonic()
+        if self._swept_at is not None and now - self._swept_at < const.LISTING_SWEEP_S:
+            return
+        self._swept_at = now
+        queued = await self._store.request_time_bound_checks()
+        if queued:
+            log.debug("re-checking the listing of %d patients with time-bound consents", queued)
+            self.wake()
 
     async def _register_when_due(self) -> None:
         """Register at start, then again every REGISTER_INTERVAL_S.

@@ -38,6 +38,8 @@ from transmural.database import Database
 from transmural.errors import InvalidInput, NotFound
 from transmural.identifiers import Identifier
 
+#: Most active consents one patient may have at this node.
+MAX_ACTIVE_CONSENTS = 50
 #: How long a write waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 10_000
 #: Chunks read per query while streaming a document (bounds memory per fetch).
@@ -246,6 +248,22 @@ class NodeStore:
     async def pending_index_count(self) -> int:
         return await self._count("index_outbox")
 
+    async def request_time_bound_checks(self) -> int:
+        """Queue every patient with an active consent that starts or ends in time.
+
+        Their listing can change with no one touching them; the publisher
+        calls this every LISTING_SWEEP_S. Returns how many were queued.
+        """
+        async with self._db.transaction("request_time_bound_checks") as db:
+            cursor = await db.execute(
+                "INSERT INTO index_outbox (pseudonym, withdrawn) "
+                "SELECT p.pseudonym, 0 FROM patients p WHERE p.pseudonym IS NOT NULL "
+                "AND p.patient_key IN (SELECT patient_key FROM consents WHERE status = 'active' "
+                "AND (period_end IS NOT NULL OR period_start > ?))",
+                (utc_iso(self._clock.now() - 86400)[:10],),
+            )
+            return cursor.rowcount
+
     async def request_index_check(self, patient_key: int) -> None:
         """Queue the patient's pseudonym for the publisher to list or unlist anew.
 
@@ -334,6 +352,18 @@ class NodeStore:
                 )
                 if not known:
                     raise NotFound(f"no patient with key {record.patient_key} at this node")
+                held = list(
+                    await db.execute_fetchall(
+                        "SELECT COUNT(*) FROM consents WHERE patient_key = ? AND status = 'active'",
+                        (record.patient_key,),
+                    )
+                )
+                if held[0][0] >= MAX_ACTIVE_CONSENTS:
+                    # Every decision reads them all: a flood would slow every answer.
+                    raise InvalidInput(
+                        f"a patient has at most {MAX_ACTIVE_CONSENTS} active consents here; "
+                        "withdraw some first"
+                    )
                 taken = await db.execute_fetchall(
                     "SELECT 1 FROM consents WHERE consent_id = ?", (record.consent_id,)
                 )

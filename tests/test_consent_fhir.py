@@ -317,8 +317,12 @@ async def add_f001(config: Path) -> None:
 
 async def test_cli_import_official_examples(node: Path, tmp_path: Path) -> None:
     await add_f001(node)
+    # The examples name their own Patient/f001; these are recorded for our patient,
+    # named by identifier (a Consent naming another patient is refused).
+    ours = {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": BSN_A}}
+    resources = [{**example(n), "patient": ours} for n in ("basic", "notOrg")]
     bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"resource": example(n)} for n in ("basic", "notOrg")]}  # fmt: skip
+              "entry": [{"resource": r} for r in resources]}  # fmt: skip
     file = tmp_path / "consents.json"
     file.write_text(json.dumps(bundle))
     done = admin("consent", "import", "--config", node, BSN_A, file)
@@ -328,13 +332,16 @@ async def test_cli_import_official_examples(node: Path, tmp_path: Path) -> None:
     assert imported == [("permit", ""), ("deny", "91654")]  # in the Bundle's order
 
     refused = tmp_path / "emergency.json"
-    refused.write_text(json.dumps(example("Emergency")))
+    # Named for our patient, so what is refused is the mapping, not the patient.
+    ours = {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": BSN_B}}
+    refused.write_text(json.dumps({**example("Emergency"), "patient": ours}))
     done = admin("consent", "import", "--config", node, BSN_B, refused)
     assert done.returncode == 2
     assert f"{refused}: cannot import: category[0]" in done.stderr
     mixed = tmp_path / "mixed.json"
-    bundle["entry"].append({"resource": example("pkb")})
-    mixed.write_text(json.dumps(bundle))
+    for_b = {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": BSN_B}}
+    entries = [{"resource": {**r, "patient": for_b}} for r in (*resources, example("pkb"))]
+    mixed.write_text(json.dumps({**bundle, "entry": entries}))
     done = admin("consent", "import", "--config", node, BSN_B, mixed)
     assert done.returncode == 2 and "entry[2]: cannot import" in done.stderr
     assert listed(node, BSN_B) == []  # all or nothing
@@ -362,7 +369,7 @@ async def test_cli_export_then_import_elsewhere_is_identical(
     file = tmp_path / "export.json"
     file.write_text(exported.stdout)
     again = admin("consent", "import", "--config", node, BSN_B, file)
-    assert again.returncode == 2 and "already recorded" in again.stderr  # ids are kept
+    assert again.returncode == 2 and "not this patient" in again.stderr  # A's, not B's
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     other = await _other_node(elsewhere)
@@ -382,3 +389,11 @@ async def _other_node(folder: Path) -> Path:
     finally:
         await store.close()
     return config
+
+
+async def test_cli_import_refuses_a_consent_for_another_patient(node: Path, tmp_path: Path) -> None:
+    file = tmp_path / "consent.json"
+    file.write_text(json.dumps(example("basic")))  # names Patient/f001, not BSN_A's patient
+    done = admin("consent", "import", "--config", node, BSN_A, file)
+    assert done.returncode == 2
+    assert "names Patient/f001, not this patient" in done.stderr

@@ -5,8 +5,10 @@ node-1's physician asks; the patient's consents live at the holders.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from node.registry_link import RegistryLink
 from tests.conftest import NetworkFactory, RunningNetwork, collect, node_tls
 from tests.test_search import bsn_of
 from tools.gateway_client import ClientError
-from transmural.errors import Unavailable
+from transmural.errors import InvalidInput, Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical
 
 
@@ -138,7 +140,7 @@ async def test_withdrawn_consent_applies_to_the_next_request_and_unlists(
     permit = consent(desk, key, True)
     await record(net, permit)
     assert await node2_answer(net, bsn) == "ok"
-    await desk.withdraw(permit.consent_id)
+    await desk.withdraw(permit.consent_id, "test desk")
     # The very next request, before the index has caught up, is refused...
     pseudonym = net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, bsn))
     assert await node2_answer(net, bsn) in ("consent-denied", "not-listed")
@@ -252,3 +254,27 @@ async def test_no_access_without_its_audit_record(
     monkeypatch.undo()
     report = await net.nodes[1].audit.verify()
     assert report.ok and report.records == before
+
+
+async def test_listing_follows_a_consent_that_ends_by_itself(
+    net: RunningNetwork, synthetic_bundles: Path
+) -> None:
+    """No one touches the patient: the time-bound sweep takes the listing out."""
+    bsn, key = await two_facility_patient(net, synthetic_bundles)
+    desk = ConsentDesk(net.nodes[1].store)
+    ends = datetime.now(UTC) + timedelta(seconds=2)
+    await record(net, consent(desk, key, True, period_end=ends.isoformat(timespec="seconds")))
+    assert await listed_at_node2(net, bsn)
+    await asyncio.sleep(max(0.0, (ends - datetime.now(UTC)).total_seconds()) + 1.1)
+    assert await net.nodes[1].store.request_time_bound_checks() >= 1
+    await net.published()
+    assert not await listed_at_node2(net, bsn)
+
+
+async def test_a_flood_of_consents_is_refused(net: RunningNetwork, synthetic_bundles: Path) -> None:
+    _, key = await two_facility_patient(net, synthetic_bundles)
+    desk = ConsentDesk(net.nodes[1].store)
+    flood = [consent(desk, key, True, consent_id=f"c-{i:012x}") for i in range(51)]
+    with pytest.raises(InvalidInput, match="at most 50 active consents"):
+        await desk.record(flood)
+    assert await net.nodes[1].store.consents_of(key) == []  # all or nothing

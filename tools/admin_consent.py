@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ from node.records import PatientRecord
 from node.store import NodeStore
 from transmural.clock import SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound
-from transmural.identifiers import parse_token
+from transmural.identifiers import canonical, parse_token
 
 #: A consent file larger than this is refused unread (a patient has a handful).
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
@@ -99,6 +100,10 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
     )
     withdraw.add_argument("--config", type=Path, required=True, help="the node's TOML config")
     withdraw.add_argument("consent_id", metavar="CONSENT_ID", help="c-... as `list` shows it")
+    withdraw.add_argument(
+        "--recorded-by", default=getpass.getuser(),
+        help="who withdraws it, for the audit log (default: your user name)",
+    )  # fmt: skip
     imports = actions.add_parser(
         "import",
         help="record the consents of a FHIR Consent or Bundle file (all or none)",
@@ -137,7 +142,7 @@ async def run(args: argparse.Namespace) -> int:
     store = await NodeStore.open(config.database)
     try:
         if args.consent_command == "withdraw":
-            return await _withdraw(store, args.consent_id)
+            return await _withdraw(store, args.consent_id, args.recorded_by)
         patient = await store.patient_by_identifier(
             parse_token(args.identifier, config.national_system)
         )
@@ -220,14 +225,15 @@ def _as_json(record: ConsentRecord) -> dict[str, Any]:
     }
 
 
-async def _withdraw(store: NodeStore, consent_id: str) -> int:
-    record = await ConsentDesk(store).withdraw(consent_id)
+async def _withdraw(store: NodeStore, consent_id: str, by: str) -> int:
+    record = await ConsentDesk(store).withdraw(consent_id, by)
     print(f"withdrew {describe(record)} at {record.withdrawn_at}")
     return 0
 
 
 async def _import(store: NodeStore, patient: PatientRecord, file: Path, recorded_by: str) -> int:
     document = await asyncio.to_thread(_read_json, file)
+    _check_patient(document, patient, file)
     organisations: dict[str, str] = {}
     for reference in sorted(organisation_references(document)):
         organisation_id = organisation_id_of(await store.resolve(reference))
@@ -237,11 +243,39 @@ async def _import(store: NodeStore, patient: PatientRecord, file: Path, recorded
         document, patient.patient_key, organisations=organisations, recorded_by=recorded_by,
         source=str(file),
     )  # fmt: skip
-    await ConsentDesk(store).record(records, action="consent-import")
+    await ConsentDesk(store).record(records, action="consent-import", by=getpass.getuser())
     print(f"imported {len(records)} consent{'' if len(records) == 1 else 's'} from {file}:")
     for record in records:
         print(f"  {describe(record)}, {_period(record)}")
     return 0
+
+
+def _check_patient(document: object, patient: PatientRecord, file: Path) -> None:
+    """Refuse Consents that name another patient than the one given on the command line."""
+    resources = [document]
+    if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+        entries = document.get("entry")
+        resources = [e.get("resource") for e in entries if isinstance(e, dict)] if isinstance(
+            entries, list) else []  # fmt: skip
+    ours = f"Patient/{patient.fhir_id}"
+    identifier = patient.identifier
+    for resource in resources:
+        named = resource.get("patient") if isinstance(resource, dict) else None
+        if not isinstance(named, dict):
+            continue  # no patient named: it is recorded for the one given
+        reference = named.get("reference")
+        if isinstance(reference, str) and reference:
+            if reference != ours:
+                raise InvalidInput(f"{file}: a Consent names {reference}, not this patient")
+            continue
+        token = named.get("identifier")
+        if isinstance(token, dict) and identifier is not None:
+            try:
+                same = canonical(str(token.get("system", "")), str(token.get("value", "")))
+            except InvalidInput:
+                same = None
+            if same != identifier:
+                raise InvalidInput(f"{file}: a Consent names another patient's identifier")
 
 
 def _read_json(file: Path) -> object:
@@ -256,6 +290,8 @@ def _read_json(file: Path) -> object:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidInput(f"{file}: not JSON ({error})") from None
+    except RecursionError:
+        raise InvalidInput(f"{file}: JSON nested too deeply to be a Consent") from None
 
 
 async def _export(store: NodeStore, patient: PatientRecord, custodian: str) -> int:
