@@ -118,9 +118,7 @@ class ConsentRecord:
             raise InvalidInput(f"consent {self.consent_id}: {problem}")
 
 
-_ORGANISATION_ID = re.compile(
-    rf"[A-Za-z0-9][A-Za-z0-9:._-]{{0,{MAX_ORGANISATION_ID_LENGTH - 1}}}"
-)
+_ORGANISATION_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9:._-]{{0,{MAX_ORGANISATION_ID_LENGTH - 1}}}")
 
 
 def _problem(record: ConsentRecord) -> str:

@@ -34,30 +34,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import os
 import signal
 import sys
 from pathlib import Path
 
-from node.audit import AuditLog, AuditRecord
-from node.config import NodeConfig
-from node.ingest import ingest_file, ingest_folder
-from node.records import IngestReport
-from node.store import NodeStore
 from registry import const as registry_const
 from registry import operator
 from registry.network import init_network
-from tools import admin_audit, admin_consent, bootstrap, devnet
+from tools import admin_audit, admin_consent, admin_ingest, bootstrap, devnet
 from tools import demo as demo_scenario
 from tools.admin_users import add_user, add_user_commands
 from tools.supervise import ProcessError, watch
 from transmural import pki
-from transmural.clock import SystemClock
-from transmural.errors import ConfigError, InvalidBundle, TransmuralError
+from transmural.errors import ConfigError, TransmuralError
 from transmural.identifiers import BSN_SYSTEM
 from transmural.process import OneLineParser
-from transmural.pseudonym import Pseudonymiser, read_network_key
 
 MAX_NODES = 50
 
@@ -66,89 +58,8 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-async def ingest(config_path: Path, paths: list[Path]) -> int:
-    """Load each file or folder; every refused bundle is named on stderr."""
-    config = NodeConfig.load(config_path)
-    pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
-    store = await NodeStore.open(config.database)
-    failures = 0
-    try:
-        for path in paths:
-            is_dir = await asyncio.to_thread(path.is_dir)
-            reports, refused = await _ingest_path(store, path, is_dir, pseudonymiser, config)
-            for problem in refused:
-                print(f"refused: {_named(problem, path, is_dir)}", file=sys.stderr)
-            failures += len(refused)
-            # A file name may be a patient's name (Synthea): record its folder only.
-            await _audit_ingest(store, path if is_dir else path.parent, reports, refused)
-            skipped = await asyncio.to_thread(_skipped, path) if is_dir else ""
-            say(
-                f"{len(reports)} bundles from {path}: {sum(r.patients for r in reports)} "
-                f"patients, {sum(r.resources for r in reports)} resources, "
-                f"{sum(r.documents for r in reports)} documents"
-                + (f"; {len(refused)} refused" if refused else "")
-                + skipped
-            )
-    finally:
-        await store.close()
-    return 1 if failures else 0
-
-
-def _named(problem: InvalidBundle, path: Path, is_dir: bool) -> str:
-    """The error with the path as the user gave it: errors name only the file."""
-    text = str(problem)
-    if text.startswith(str(path)):
-        return text
-    if is_dir:
-        return os.path.join(path, text)
-    if text.startswith(f"{path.name}:"):
-        return str(path) + text.removeprefix(path.name)
-    return f"{path}: {text}"
-
-
-def _skipped(folder: Path) -> str:
-    """``; skipped ...`` for what ingest passes over (as ``node.ingest`` chooses), or ""."""
-    folders = files = 0
-    for entry in folder.iterdir():
-        if entry.is_dir():
-            folders += 1
-        elif entry.suffix.lower() != ".json" or entry.name.startswith("."):
-            files += 1
-    parts = [f"{files} {_plural(files, 'file')} not *.json or hidden"] if files else []
-    parts += [f"{folders} {_plural(folders, 'sub-folder')}"] if folders else []
-    return f"; skipped {' and '.join(parts)}" if parts else ""
-
-
 def _plural(count: int, noun: str) -> str:
     return noun if count == 1 else f"{noun}s"
-
-
-async def _audit_ingest(
-    store: NodeStore, path: Path, reports: list[IngestReport], refused: list[InvalidBundle]
-) -> None:
-    """One audit record per ingest run: what came in, what was refused (no patient data)."""
-    patients = sum(r.patients for r in reports)
-    await AuditLog(store.database, SystemClock()).append(
-        AuditRecord(
-            action="ingest",
-            outcome="error" if refused else "granted",
-            side="local",
-            outcome_reason=f"{len(reports)} bundles ({patients} patients) from {path}"
-            + (f"; {len(refused)} refused" if refused else ""),
-            clinician_id=getpass.getuser(),
-        )
-    )
-
-
-async def _ingest_path(
-    store: NodeStore, path: Path, is_dir: bool, pseudonymiser: Pseudonymiser, config: NodeConfig
-) -> tuple[list[IngestReport], list[InvalidBundle]]:
-    if is_dir:
-        return await ingest_folder(store, path, pseudonymiser, config.national_system)
-    try:
-        return [await ingest_file(store, path, pseudonymiser, config.national_system)], []
-    except InvalidBundle as problem:
-        return [], [problem]
 
 
 def network_init(folder: Path, name: str) -> int:
@@ -465,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "ingest":
-            return asyncio.run(ingest(args.config, args.paths))
+            return asyncio.run(admin_ingest.ingest(args.config, args.paths))
         if args.command == "consent":
             return asyncio.run(admin_consent.run(args))
         if args.command == "network":

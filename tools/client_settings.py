@@ -9,17 +9,21 @@ In order of precedence: command-line flags, environment variables
      "ca_certificate": "/path/to/ca.crt", "token": "tmu1_..."}
 
 The file holds a bearer token, so it must be readable by its owner only.
+``transmural login`` writes it (``login_settings`` + ``write_settings``)
+from flags and environment only: a login replaces the old file, it does not
+inherit from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.gateway_client import ClientError, NodeAccess
+from tools.gateway_client import ClientError, GatewayClient, NodeAccess
 
 DEFAULT_FILE = Path("~/.config/transmural/client.json")
 KEYS = ("node", "node_id", "ca_certificate", "token")
@@ -45,13 +49,75 @@ class Overrides:
 
 def node_access(given: Overrides) -> NodeAccess:
     """Merge file, environment and flags; ClientError (exit 2) naming what is missing."""
-    values: dict[str, str] = dict(_read_file(given.config))
-    for key, variable in ENVIRONMENT.items():
-        if os.environ.get(variable):
-            values[key] = os.environ[variable]
-    for key in KEYS:
-        if getattr(given, key):
-            values[key] = getattr(given, key)
+    values = {**_read_file(given.config), **_environment(), **_flags(given)}
+    return _access(values, given.insecure_dev)
+
+
+def login_settings(given: Overrides) -> tuple[dict[str, str], NodeAccess]:
+    """What ``transmural login`` writes (flags over environment) and how to check it.
+
+    The CA is read (it must be a PEM certificate) and stored as an absolute
+    path, so the file works from any folder.
+    """
+    values = {**_environment(), **_flags(given)}
+    access = _access(values, given.insecure_dev)
+    if any(c.isspace() or not c.isprintable() for c in access.token):
+        raise ClientError(
+            "the token has spaces or control characters in it: copy it whole, as "
+            "`transmural-admin user add` printed it", 2,
+        )  # fmt: skip
+    if values.get("ca_certificate"):
+        values["ca_certificate"] = str(Path(values["ca_certificate"]).expanduser().resolve())
+    return {k: values[k] for k in KEYS if values.get(k)}, access
+
+
+async def login(given: Overrides, check: bool = True) -> str:
+    """``transmural login``: check the node answers as itself, then write the file.
+
+    The check (``GatewayClient.check``) proves address, CA and node id; the
+    token is not checked here (only an audited call would), so the message
+    says so. Returns what to tell the clinician.
+    """
+    settings, access = login_settings(given)
+    target = settings_path(given.config)
+    if check:
+        client = GatewayClient(access)
+        try:
+            await client.check()
+        finally:
+            await client.close()
+    try:
+        write_settings(target, settings)
+    except OSError as error:
+        raise ClientError(f"cannot write {target}: {error.strerror or error}", 2) from None
+    if not check:
+        return f"saved {target} (mode 0600); the node was not asked (--no-check)"
+    verified = ", its certificate verified against your CA" if access.ca_pem else ""
+    return (
+        f"saved {target} (mode 0600); node {access.node_id or '(insecure-dev)'} answers at "
+        f"{access.address}{verified}. Your token is checked by your first search or report."
+    )
+
+
+def settings_path(explicit: Path | None) -> Path:
+    """The client file: ``--config``, else ``$TRANSMURAL_CONFIG``, else the default."""
+    named = explicit or _named_by_environment()
+    return (named or DEFAULT_FILE).expanduser()
+
+
+def _environment() -> dict[str, str]:
+    return {key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)}
+
+
+def _flags(given: Overrides) -> dict[str, str]:
+    return {key: getattr(given, key) for key in KEYS if getattr(given, key)}
+
+
+def _named_by_environment() -> Path | None:
+    return Path(os.environ["TRANSMURAL_CONFIG"]) if os.environ.get("TRANSMURAL_CONFIG") else None
+
+
+def _access(values: dict[str, str], insecure_dev: bool) -> NodeAccess:
     if not values.get("node"):
         raise ClientError("no node given: use --node HOST:PORT, TRANSMURAL_NODE or --config", 2)
     if not values.get("token"):
@@ -60,7 +126,7 @@ def node_access(given: Overrides) -> NodeAccess:
             "(a node admin issues one with `transmural-admin user add`)", 2,
         )  # fmt: skip
     ca_pem = None
-    if not given.insecure_dev:
+    if not insecure_dev:
         if not values.get("ca_certificate"):
             raise ClientError("no network CA: use --ca FILE, TRANSMURAL_CA or --config", 2)
         if not values.get("node_id"):
@@ -75,20 +141,23 @@ def node_access(given: Overrides) -> NodeAccess:
 
 
 def write_settings(path: Path, settings: dict[str, str]) -> None:
-    """Write a client file, owner-only from the first byte (it holds a token)."""
+    """Write a client file, owner-only from the first byte (it holds a token).
+
+    An existing file keeps its mode through ``O_CREAT``, so it is made
+    owner-only before the token is written into it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump({k: v for k, v in settings.items() if k in KEYS}, handle, indent=2)
         handle.write("\n")
 
 
 def _read_file(explicit: Path | None) -> dict[str, str]:
-    named = explicit or (Path(os.environ["TRANSMURAL_CONFIG"]) if os.environ.get(
-        "TRANSMURAL_CONFIG") else None)  # fmt: skip
-    path = (named or DEFAULT_FILE).expanduser()
+    path = settings_path(explicit)
     if not path.exists():
-        if named is not None:
+        if (explicit or _named_by_environment()) is not None:
             raise ClientError(f"client file {path} does not exist", 2)
         return {}
     if path.stat().st_mode & 0o077:
@@ -110,3 +179,48 @@ def _read_ca(path: Path) -> bytes:
     if b"BEGIN CERTIFICATE" not in data:
         raise ClientError(f"{path} is not a PEM certificate", 2)
     return data
+
+
+def add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The flags of this module's settings; without ``defaults`` they default to SUPPRESS."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="client file with node, node_id, ca_certificate and token "
+        "(default: $TRANSMURAL_CONFIG or ~/.config/transmural/client.json)",
+    )
+    parser.add_argument(
+        "--node",
+        default=default(None),
+        metavar="HOST:PORT",
+        help="your node's gateway (default: $TRANSMURAL_NODE or the client file)",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help="your clinician token (default: $TRANSMURAL_TOKEN or the client file)",
+    )
+    parser.add_argument(
+        "--ca",
+        dest="ca_certificate",
+        default=default(None),
+        metavar="FILE",
+        help="the network CA certificate (default: $TRANSMURAL_CA or the client file)",
+    )
+    parser.add_argument(
+        "--node-id",
+        default=default(None),
+        help="your node's id, checked against its certificate (default: $TRANSMURAL_NODE_ID)",
+    )
+    parser.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        default=default(False),
+        help="talk plain gRPC to a node run with --insecure-dev (development only)",
+    )

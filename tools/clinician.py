@@ -1,19 +1,28 @@
 """``transmural``: the clinician's thin client.
 
-  transmural search IDENTIFIER            find a patient across the network
+  transmural login --node HOST:PORT --node-id ID --ca FILE --token TOKEN
+                                          save (and check) your node and token
+  transmural search IDENTIFIER [--type TEXT] [--since DATE] [--until DATE]
+                                          find a patient's documents across the network
+  transmural report IDENTIFIER [--json | --fhir] [--all]
+                                          one merged live report from every facility
   transmural fetch IDENTIFIER --facility NODE --document ID [-o FILE]
 
 IDENTIFIER is a FHIR token ``system|value`` or a bare national identifier
 (the node's configured system, e.g. a BSN). Your node's gateway address,
 your clinician token and the network CA come from --node/--token/--ca, from
 TRANSMURAL_NODE / TRANSMURAL_TOKEN / TRANSMURAL_CA, or from a client file
-(--config, TRANSMURAL_CONFIG, ~/.config/transmural/client.json).
+(--config, TRANSMURAL_CONFIG, ~/.config/transmural/client.json) that
+`transmural login` writes.
 
-Exit codes: 0 the search ran (each facility's status is shown, refusals
-included) or the document was written; 1 no facility knows the patient, or
-the network said no to a fetch (not found, refused, a facility or the
-registry unreachable, checksum mismatch); 2 bad input; 3 your node is not
-reachable; 4 your token is not accepted (unknown or expired).
+Exit codes:
+  0  the search or report ran (each facility's status is shown, refusals
+     included), the document was written, or the login was saved
+  1  no facility knows the patient, or the network said no to a fetch (not
+     found, refused, a facility or the registry unreachable, checksum mismatch)
+  2  bad input (e.g. a BSN failing the 11-check; no node, token or CA given)
+  3  your node is not reachable (or is not your node: CA or node id differ)
+  4  your token is not accepted (unknown or expired)
 """
 
 from __future__ import annotations
@@ -23,13 +32,27 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO, TypeVar
 
-from tools.client_settings import Overrides, node_access
-from tools.gateway_client import ClientError, FacilityResult, GatewayClient, Holders
-from tools.render import documents_table, facility_line, holders_line, search_json
+from tools import report_view
+from tools.client_settings import Overrides, add_connection_options, login, node_access
+from tools.gateway_client import (
+    ClientError,
+    Document,
+    FacilityItems,
+    FacilityResult,
+    GatewayClient,
+    Holders,
+    split_token,
+)
+from tools.render import DocumentFilter, FetchProgress, LiveStatus, documents_table, search_json
+from tools.report_merge import RECENT_ROWS, merge
 from transmural.process import OneLineParser
+
+Answer = TypeVar("Answer", FacilityResult, FacilityItems)
 
 #: Longest per-facility deadline a node accepts (node.const.MAX_PEER_DEADLINE_S).
 MAX_DEADLINE_MS = 30_000
@@ -44,85 +67,99 @@ async def search(
     deadline_ms: int = 0,
     table_limit: int | None = None,
     reason: str = "",
+    only: DocumentFilter | None = None,
 ) -> list[FacilityResult]:
-    """Run one search, printing facilities as they answer; returns results."""
-    holders: Holders | None = None
-    results: list[FacilityResult] = []
-    async for event in client.search(identifier, purpose, deadline_ms, reason):
-        if isinstance(event, Holders):
-            holders = event
-            if not as_json:
-                print(holders_line(event), file=out, flush=True)
-            continue
-        results.append(event)
-        if not as_json:
-            print(facility_line(event), file=out, flush=True)
+    """Run one search, showing facilities as they answer; returns the (unfiltered) results."""
+    events = client.search(identifier, purpose, deadline_ms, reason)
+    holders, results = await _collect(events, _status_stream(out, as_json))
+    shown = only.apply(results) if only and only.active else results
     if as_json:
-        json.dump(search_json(identifier, holders, results), out, indent=2)
+        json.dump(search_json(identifier, holders, shown), out, indent=2)
         print(file=out)
-    else:
-        table = documents_table(results, table_limit)
-        if table:
-            print(file=out)
-            print("\n".join(table), file=out)
+        return results
+    table = documents_table(shown, table_limit)
+    if only and only.active:
+        total, kept = (sum(len(r.documents) for r in rs) for rs in (results, shown))
+        print(f"\n{kept} of {total} documents match ({only.describe()})", file=out)
+    if table:
+        print(file=out)
+        print("\n".join(table), file=out)
     return results
 
 
-def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+async def report(
+    client: GatewayClient,
+    identifier: str,
+    out: TextIO,
+    output: str = "tables",
+    purpose: str = "treatment",
+    reason: str = "",
+    deadline_ms: int = 0,
+    every_row: bool = False,
+) -> list[FacilityItems]:
+    """The live report: statuses as facilities answer, then the merged report.
+
+    ``output`` is ``tables``, ``json`` or ``fhir``; tables show the newest
+    ``RECENT_ROWS`` encounters and procedures unless ``every_row``.
+    """
+    events = client.report(identifier, purpose, deadline_ms, reason)
+    holders, results = await _collect(events, _status_stream(out, output != "tables"))
+    limit = RECENT_ROWS if output == "tables" and not every_row else None
+    merged = merge(
+        results, recent_limit=limit, patient=identifier,
+        correlation_id=holders.correlation_id if holders else "",
+    )  # fmt: skip
+    if output == "tables":
+        print(file=out)
+        report_view.print_tables(merged, out)
+    else:
+        shape = report_view.report_json if output == "json" else report_view.report_fhir
+        json.dump(shape(merged), out, indent=2, ensure_ascii=False)
+        print(file=out)
+    return results
+
+
+async def _collect(
+    events: AsyncIterator[Holders | Answer], status_out: TextIO | None
+) -> tuple[Holders | None, list[Answer]]:
+    """Every facility's answer, each shown as it comes (``LiveStatus``)."""
+    holders: Holders | None = None
+    answers: list[Answer] = []
+    with LiveStatus(status_out) as status:
+        async for event in events:
+            if isinstance(event, Holders):
+                holders = event
+                status.located(event)
+            else:
+                answers.append(event)
+                status.answered(event)
+    return holders, answers
+
+
+def _status_stream(out: TextIO, machine_output: bool) -> TextIO | None:
+    """Statuses go with human output; beside JSON only to a terminal's stderr."""
+    if not machine_output:
+        return out
+    return sys.stderr if sys.stderr.isatty() else None
+
+
+def _common_options(parser: argparse.ArgumentParser, defaults: bool, purpose: bool = True) -> None:
     """Options every command takes, before or after the command name.
 
     The copies on the commands default to SUPPRESS, so a value given before
     the command is not overwritten by the command's own default.
     """
-
-    def default(value: object) -> object:
-        return value if defaults else argparse.SUPPRESS
-
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=default(None),
-        metavar="FILE",
-        help="client file with node, node_id, ca_certificate and token "
-        "(default: $TRANSMURAL_CONFIG or ~/.config/transmural/client.json)",
-    )
-    parser.add_argument(
-        "--node",
-        default=default(None),
-        metavar="HOST:PORT",
-        help="your node's gateway (default: $TRANSMURAL_NODE or the client file)",
-    )
-    parser.add_argument(
-        "--token",
-        default=default(None),
-        help="your clinician token (default: $TRANSMURAL_TOKEN or the client file)",
-    )
-    parser.add_argument(
-        "--ca",
-        dest="ca_certificate",
-        default=default(None),
-        metavar="FILE",
-        help="the network CA certificate (default: $TRANSMURAL_CA or the client file)",
-    )
-    parser.add_argument(
-        "--node-id",
-        default=default(None),
-        help="your node's id, checked against its certificate (default: $TRANSMURAL_NODE_ID)",
-    )
-    parser.add_argument(
-        "--insecure-dev",
-        action="store_true",
-        default=default(False),
-        help="talk plain gRPC to a node run with --insecure-dev (development only)",
-    )
+    add_connection_options(parser, defaults)
+    if not purpose:
+        return
     parser.add_argument(
         "--purpose",
-        default=default("treatment"),
+        default="treatment" if defaults else argparse.SUPPRESS,
         choices=["treatment", "emergency"],
         help="purpose of use (default: treatment); emergency is break-the-glass",
     )
     parser.add_argument(
-        "--reason", default=default(""),
+        "--reason", default="" if defaults else argparse.SUPPRESS,
         help="why: required with --purpose emergency, recorded in every facility's audit log",
     )  # fmt: skip
 
@@ -137,25 +174,65 @@ def _deadline_ms(text: str) -> int:
     return value
 
 
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="transmural", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _common_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    login = sub.add_parser(
+        "login",
+        help="save your node, its CA and your token in the client file (mode 0600)",
+        description="Write the client file (--config, $TRANSMURAL_CONFIG or "
+        "~/.config/transmural/client.json, mode 0600) from --node, --node-id, --ca and "
+        "--token (or TRANSMURAL_*). Before writing, a standard gRPC health check proves "
+        "the node answers, its TLS certificate is from that CA and names that node id, "
+        "and it serves the Gateway; it cannot check the token without an audited call: "
+        "your first search or report does (exit 4 if refused).",
+    )
+    _common_options(login, defaults=False, purpose=False)
+    login.add_argument(
+        "--no-check", action="store_true", help="write the file without asking the node"
+    )
     s = sub.add_parser("search", help="find a patient's documents across the network")
     _common_options(s, defaults=False)
     s.add_argument("identifier", help="system|value, or a bare national identifier (e.g. a BSN)")
     s.add_argument(
         "--json", action="store_true", help="machine-readable output (schema in the README)"
     )
+    _deadline_option(s)
     s.add_argument(
-        "--deadline-ms",
-        type=_deadline_ms,
-        default=0,
-        metavar="MS",
-        help="how long to wait for each facility, in ms (default 0: the node's own, 3000)",
+        "--type", default="", metavar="TEXT",
+        help="only documents whose type (display or code) or title contains TEXT",
+    )  # fmt: skip
+    s.add_argument("--since", type=_day, metavar="DATE", help="only documents from DATE on")
+    s.add_argument("--until", type=_day, metavar="DATE", help="only documents up to DATE")
+    r = sub.add_parser(
+        "report",
+        help="one merged report of a patient from every facility",
+        description="Ask every facility that knows the patient for its structured data and "
+        "merge it: problems, medication, allergies, latest results, recent encounters and "
+        "procedures, immunisations; each row names its source facilities and dates.",
     )
+    _common_options(r, defaults=False)
+    r.add_argument("identifier", help="the patient, as for search")
+    formats = r.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="JSON (schema in the README)")
+    formats.add_argument(
+        "--fhir", action="store_true", help="a FHIR R4 Bundle (collection) of the resources"
+    )
+    r.add_argument(
+        "--all", action="store_true",
+        help=f"every encounter and procedure (tables show the newest {RECENT_ROWS})",
+    )  # fmt: skip
+    _deadline_option(r)
     f = sub.add_parser("fetch", help="fetch one document from a facility")
     _common_options(f, defaults=False)
     f.add_argument("identifier", help="the patient, as for search")
@@ -166,25 +243,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace) -> int:
-    access = node_access(
-        Overrides(
-            config=args.config, node=args.node, token=args.token,
-            ca_certificate=args.ca_certificate, node_id=args.node_id,
-            insecure_dev=args.insecure_dev,
-        )
+def _deadline_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--deadline-ms",
+        type=_deadline_ms,
+        default=0,
+        metavar="MS",
+        help="how long to wait for each facility, in ms (default 0: the node's own, 3000)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> Overrides:
+    return Overrides(
+        config=args.config, node=args.node, token=args.token,
+        ca_certificate=args.ca_certificate, node_id=args.node_id,
+        insecure_dev=args.insecure_dev,
     )  # fmt: skip
-    client = GatewayClient(access)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.command == "login":
+        return await _login(args)
+    if args.command in ("search", "report"):
+        split_token(args.identifier)  # a malformed identifier is bad input, whatever the settings
+    client = GatewayClient(node_access(_overrides(args)))
     try:
         if args.command == "search":
+            only = DocumentFilter(args.type, args.since, args.until)
             results = await search(
                 client, args.identifier, args.purpose, args.json, sys.stdout, args.deadline_ms,
-                reason=args.reason,
+                reason=args.reason, only=only,
             )  # fmt: skip
             return 0 if results else 1
+        if args.command == "report":
+            output = "json" if args.json else "fhir" if args.fhir else "tables"
+            answers = await report(
+                client, args.identifier, sys.stdout, output, args.purpose, args.reason,
+                args.deadline_ms, args.all,
+            )  # fmt: skip
+            return 0 if answers else 1
         return await _fetch(client, args)
     finally:
         await client.close()
+
+
+async def _login(args: argparse.Namespace) -> int:
+    print(await login(_overrides(args), check=not args.no_check), file=sys.stderr)
+    return 0
 
 
 async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
@@ -192,10 +297,7 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
     if args.output is None or str(args.output) == "-":
         if args.json:
             raise ClientError("--json prints the metadata of a file written with -o FILE", 2)
-        await client.fetch(
-            args.identifier, args.facility, args.document, sys.stdout.buffer, args.purpose,
-            args.reason,
-        )  # fmt: skip
+        await _fetch_into(client, args, sys.stdout.buffer)
         sys.stdout.flush()
         return 0
     target: Path = args.output
@@ -204,9 +306,7 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
         # Patient data: owner-only from the first byte.
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            meta = await client.fetch(
-                args.identifier, args.facility, args.document, handle, args.purpose, args.reason
-            )
+            meta = await _fetch_into(client, args, handle)
         partial.replace(target)
     except OSError as error:
         raise ClientError(f"cannot write to {target}: {error.strerror or error}", 2) from None
@@ -227,6 +327,18 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+async def _fetch_into(client: GatewayClient, args: argparse.Namespace, out: BinaryIO) -> Document:
+    """The fetch, with a progress bar on a terminal's stderr for a large document."""
+    progress = FetchProgress(f"document {args.document}", sys.stderr)
+    try:
+        return await client.fetch(
+            args.identifier, args.facility, args.document, out, args.purpose, args.reason,
+            progress,
+        )  # fmt: skip
+    finally:
+        progress.close()
 
 
 def _check_output(target: Path | None) -> None:

@@ -1,0 +1,209 @@
+"""``transmural-admin ingest``: load FHIR R4 bundles into a node, showing progress.
+
+Output contract (``tools/devnet.py`` shows the last line of the ingest log):
+stdout holds one summary line per PATH given, once all are loaded,
+
+    N bundles from PATH: P patients, R resources, D documents[; K refused][; skipped ...]
+
+and, when more than one PATH was given, a last line of the same form
+totalling them (``... from 2 paths in total: ...``). Each refused file is
+named on stderr with why (``refused: PATH: reason``) the moment it is refused.
+
+Progress goes to stderr: a bar with bundles/s on a terminal; otherwise
+(a log file, a pipe) a plain line every ``PLAIN_PROGRESS_S`` seconds, so a
+long ingest into a log still shows it is moving.
+
+Bundles are loaded one file at a time (``node.ingest.ingest_file``), so
+progress is per bundle; on the Synthea set that is as fast as
+``ingest_folder``'s read-ahead (5.3 s vs 5.4 s for 90 bundles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from node.audit import AuditLog, AuditRecord
+from node.config import NodeConfig
+from node.ingest import bundle_files, ingest_file
+from node.records import IngestReport
+from node.store import NodeStore
+from transmural.clock import SystemClock
+from transmural.errors import InvalidBundle
+from transmural.pseudonym import Pseudonymiser, read_network_key
+
+#: Without a terminal, how often a plain progress line is written.
+PLAIN_PROGRESS_S = 10.0
+
+
+@dataclass
+class _Path:
+    """One PATH as given: its bundle files, and what became of them."""
+
+    path: Path
+    is_dir: bool
+    files: list[Path]
+    reports: list[IngestReport] = field(default_factory=list)
+    refused: list[InvalidBundle] = field(default_factory=list)
+
+
+async def ingest(
+    config_path: Path, paths: list[Path], out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Load each file or folder; 1 if any bundle was refused (each is named), else 0."""
+    out, err = out or sys.stdout, err or sys.stderr
+    config = NodeConfig.load(config_path)
+    pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
+    planned = [await asyncio.to_thread(_plan, p) for p in paths]
+    store = await NodeStore.open(config.database)
+    try:
+        with _Progress(sum(len(p.files) for p in planned), err) as progress:
+            for item in planned:
+                for file in item.files:
+                    try:
+                        item.reports.append(
+                            await ingest_file(store, file, pseudonymiser, config.national_system)
+                        )
+                    except InvalidBundle as problem:
+                        item.refused.append(problem)
+                        progress.say(f"refused: {_named(problem, item.path, item.is_dir)}")
+                    progress.advance()
+                # A file name may be a patient's name (Synthea): record its folder only.
+                folder = item.path if item.is_dir else item.path.parent
+                await _audit_ingest(store, folder, item.reports, item.refused)
+        for item in planned:
+            skipped = await asyncio.to_thread(_skipped, item.path) if item.is_dir else ""
+            print(_summary(str(item.path), item.reports, item.refused) + skipped, file=out)
+        if len(planned) > 1:
+            every = [r for p in planned for r in p.reports]
+            refused = [r for p in planned for r in p.refused]
+            print(_summary(f"{len(planned)} paths in total", every, refused), file=out)
+        out.flush()
+    finally:
+        await store.close()
+    return 1 if any(p.refused for p in planned) else 0
+
+
+def _plan(path: Path) -> _Path:
+    if path.is_dir():
+        return _Path(path, True, bundle_files(path))
+    return _Path(path, False, [path])
+
+
+def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
+    return (
+        f"{len(reports)} bundles from {source}: {sum(r.patients for r in reports)} "
+        f"patients, {sum(r.resources for r in reports)} resources, "
+        f"{sum(r.documents for r in reports)} documents"
+        + (f"; {len(refused)} refused" if refused else "")
+    )
+
+
+class _Progress:
+    """A rich bar with bundles/s on a terminal; a plain line now and then otherwise."""
+
+    def __init__(
+        self, total: int, stream: TextIO, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._stream, self._clock, self._total = stream, clock, total
+        self._done = 0
+        self._started = self._last_line = clock()
+        console = Console(file=stream, highlight=False)
+        self._bar: Progress | None = None
+        if console.is_terminal:
+            self._bar = Progress(
+                TextColumn("ingest"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} bundles/s"), TimeElapsedColumn(),
+                console=console, transient=True,
+            )  # fmt: skip
+            self._task = self._bar.add_task("ingest", total=total, rate="-")
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def say(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False)
+        else:
+            print(line, file=self._stream, flush=True)
+
+    def advance(self) -> None:
+        self._done += 1
+        now = self._clock()
+        rate = self._done / max(now - self._started, 1e-6)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self._done, rate=f"{rate:.1f}")
+        elif now - self._last_line >= PLAIN_PROGRESS_S:
+            self._last_line = now
+            print(
+                f"ingest: {self._done}/{self._total} bundles, {rate:.1f} bundles/s",
+                file=self._stream, flush=True,
+            )  # fmt: skip
+
+
+def _named(problem: InvalidBundle, path: Path, is_dir: bool) -> str:
+    """The error with the path as the user gave it: errors name only the file."""
+    text = str(problem)
+    if text.startswith(str(path)):
+        return text
+    if is_dir:
+        return os.path.join(path, text)
+    if text.startswith(f"{path.name}:"):
+        return str(path) + text.removeprefix(path.name)
+    return f"{path}: {text}"
+
+
+def _skipped(folder: Path) -> str:
+    """``; skipped ...`` for what ingest passes over (as ``node.ingest`` chooses), or ""."""
+    folders = files = 0
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            folders += 1
+        elif entry.suffix.lower() != ".json" or entry.name.startswith("."):
+            files += 1
+    parts = [f"{files} {_plural(files, 'file')} not *.json or hidden"] if files else []
+    parts += [f"{folders} {_plural(folders, 'sub-folder')}"] if folders else []
+    return f"; skipped {' and '.join(parts)}" if parts else ""
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
+
+
+async def _audit_ingest(
+    store: NodeStore, path: Path, reports: list[IngestReport], refused: list[InvalidBundle]
+) -> None:
+    """One audit record per ingest run: what came in, what was refused (no patient data)."""
+    patients = sum(r.patients for r in reports)
+    await AuditLog(store.database, SystemClock()).append(
+        AuditRecord(
+            action="ingest",
+            outcome="error" if refused else "granted",
+            side="local",
+            outcome_reason=f"{len(reports)} bundles ({patients} patients) from {path}"
+            + (f"; {len(refused)} refused" if refused else ""),
+            clinician_id=getpass.getuser(),
+        )
+    )
