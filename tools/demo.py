@@ -19,7 +19,9 @@ from node.audit import AuditLog
 from node.store import NodeStore
 from tools.clinician import search
 from tools.devnet import DevNet, _national_identifier
-from tools.gateway_client import ClientError, FacilityResult, GatewayClient
+from tools.gateway_client import ClientError, FacilityItems, FacilityResult, GatewayClient
+from tools.report_merge import merge
+from tools.report_view import facilities_table_text
 from tools.spread import SpreadPlan
 from transmural.clock import SystemClock
 from transmural.identifiers import BSN_SYSTEM, US_SSN_SYSTEM, canonical
@@ -89,6 +91,7 @@ async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> str | None:
             reached |= len(answered) >= needed
             if not fetched and answered:
                 fetched = await _fetch_one(net, client, token, answered, out)
+                await _live_report(client, token, out)
             if fhir_id == picks.denied and any(r.status == "consent-denied" for r in results):
                 await _break_the_glass(net, client, token, results, out)
         await _invalid_identifier(client, net.national_system, out)
@@ -99,6 +102,19 @@ async def run(net: DevNet, picks: DemoPicks, out: TextIO) -> str | None:
     if reached:
         return None
     return "no search reached two facilities" if needed == 2 else "no search returned documents"
+
+
+async def _live_report(client: GatewayClient, token: str, out: TextIO) -> None:
+    """The merged picture of the same patient: one row per finding, every source named."""
+    print(f"\n== The live report of the same patient\n$ transmural report '{token}'", file=out)
+    answers = [e async for e in client.report(token) if isinstance(e, FacilityItems)]
+    report = merge(answers, patient=token)
+    print(facilities_table_text(report), file=out)
+    for section in report.sections:
+        merged = sum(1 for row in section.rows if len(row.sources) > 1)
+        note = f", {merged} merged from several facilities" if merged else ""
+        print(f"  {section.name:<14} {len(section.rows):>4} rows{note}", file=out)
+    print("  (full tables: transmural report; --json; --fhir for a FHIR R4 Bundle)", file=out)
 
 
 async def _break_the_glass(

@@ -114,6 +114,14 @@ def print_tables(report: Report, out: TextIO) -> None:
         console.print(section_table(section, style))
 
 
+def facilities_table_text(report: Report) -> str:
+    """The header table as plain text, for a caller printing to any stream."""
+    console = Console(width=100, color_system=None, force_terminal=False)
+    with console.capture() as captured:
+        console.print(facilities_table(report))
+    return captured.get().rstrip()
+
+
 def facilities_table(report: Report, style: box.Box = box.ASCII) -> Table:
     title = f"Live report for {report.patient}" if report.patient else "Live report"
     table = Table(title=title, box=style, title_justify="left")
