@@ -157,3 +157,40 @@ def test_devnet_exits_when_a_server_dies(tmp_path: Path) -> None:
     assert str(workdir / "registry" / "server.log") in err
     # The node was stopped gracefully: a clean stop removes its ready file.
     assert not (workdir / "node-1" / "ready.json").exists()
+
+
+def test_a_node_that_dies_leaves_the_rest_running(tmp_path: Path) -> None:
+    """Kill node-2: devnet reports it and keeps serving; node-1 sees it unreachable."""
+    workdir = tmp_path / "net"
+    devnet = start_devnet(workdir)
+    try:
+        network = wait_for_network(devnet, workdir)
+        node2 = json.loads((workdir / "node-2" / "ready.json").read_text())
+        os.kill(node2["pid"], signal.SIGKILL)
+        time.sleep(2.5)  # past devnet's once-a-second watch
+        assert devnet.poll() is None, "devnet must keep the rest of the network running"
+        env = {
+            **os.environ,
+            "TRANSMURAL_CONFIG": network["nodes"][0]["client"]["TRANSMURAL_CONFIG"],
+        }
+        statuses: dict[str, str] = {}
+        for bundle in sorted((workdir / "node-2" / "bundles").glob("*.json"))[:12]:
+            resource = json.loads(bundle.read_text())["entry"][0]["resource"]
+            if resource.get("resourceType") != "Patient":
+                continue
+            bsn = next(i["value"] for i in resource["identifier"] if i["system"].endswith("bsn"))
+            search = subprocess.run(
+                [*CLIENT, "search", bsn, "--json"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if search.returncode == 0:
+                answer = json.loads(search.stdout)
+                statuses = {f["node_id"]: f["status"] for f in answer["facilities"]}
+                if "node-2" in statuses:
+                    break
+        assert statuses.get("node-2") == "unreachable", statuses
+    finally:
+        devnet.send_signal(signal.SIGINT)
+        _, err = devnet.communicate(timeout=30)
+    assert devnet.returncode == 0
+    assert "node-2 exited" in err and "keeps running" in err

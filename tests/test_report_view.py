@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from tools.gateway_client import ClinicalItem, FacilityItems
 from tools.report_merge import SECTIONS, Report, merge
-from tools.report_view import SOURCE_URI, print_tables, report_fhir, report_json
+from tools.report_view import SOURCE_URI, console_for, print_tables, report_fhir, report_json
 from tools.synthetic import generate
 
 SECTION_OF = {
@@ -186,3 +186,10 @@ def test_tables_for_no_facility_say_so() -> None:
     print_tables(merge([]), out)
     assert "no facility in the network knows this patient" in out.getvalue()
     assert "Problems: none" in out.getvalue()
+
+
+def test_a_reader_leaving_the_pipe_is_not_an_error() -> None:
+    """rich would exit 1 on a broken pipe (`| head`); transmural ends quietly with 0."""
+    console = console_for(io.StringIO())
+    with pytest.raises(BrokenPipeError):
+        console.on_broken_pipe()

@@ -23,7 +23,7 @@ Exit codes:
   1    ingest: some file was refused (each is named); consent: no such
        patient (or consent) at this node; revoke: nothing left to revoke; audit verify:
        the chain is broken (the first problem is named); audit export: no
-       such patient at this node; devnet: a server exited while running,
+       such patient at this node; devnet: the registry exited while running,
        or the demo missed its goal
   2    bad usage, configuration or input; invite, join, bootstrap: refused
        (the message says why); devnet: a server did not start
@@ -178,11 +178,24 @@ def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
         f"'{net.national_system}|<identifier>'\n"
         f"Addresses, databases and logs of every server: {network_json}\nStop with Ctrl-C."
     )
-    dead = watch([s for s in (net.registry, *net.nodes) if s is not None])
-    if dead is None:
-        return 0
-    print(f"{dead.exit_description()}\n{dead.log_tail()}", file=sys.stderr)
-    return 1
+    return _watch_network(net)
+
+
+def _watch_network(net: devnet.DevNet) -> int:
+    """Run until Ctrl-C (0) or the registry stops (1).
+
+    A node that stops is reported and the rest keep running, as in a real
+    network: its peers answer for themselves and show it as unreachable.
+    """
+    watched = [s for s in (net.registry, *net.nodes) if s is not None]
+    while (dead := watch(watched)) is not None:
+        print(f"{dead.exit_description()}\n{dead.log_tail()}", file=sys.stderr)
+        if dead is net.registry:
+            return 1
+        print(f"the rest of the network keeps running; {dead.name} answers as unreachable",
+              file=sys.stderr)  # fmt: skip
+        watched.remove(dead)
+    return 0
 
 
 def _clinician_command() -> str:
@@ -229,7 +242,8 @@ def _parser() -> argparse.ArgumentParser:
         "devnet",
         help="run a registry and N nodes on loopback",
         description="Run a registry and N nodes on loopback until Ctrl-C or SIGTERM (exit 0); "
-        "exit 1 if a server stops on its own. With --demo, run the scenario and exit.",
+        "exit 1 if the registry stops on its own (a node that stops is reported and the "
+        "rest keep running). With --demo, run the scenario and exit.",
     )
     d.add_argument(
         "--nodes",

@@ -120,6 +120,9 @@ def _named_by_environment() -> Path | None:
 def _access(values: dict[str, str], insecure_dev: bool) -> NodeAccess:
     if not values.get("node"):
         raise ClientError("no node given: use --node HOST:PORT, TRANSMURAL_NODE or --config", 2)
+    token = values.get("token", "")
+    if token and (not token.isascii() or not token.isprintable() or " " in token):
+        raise ClientError("the clinician token has spaces or other characters a token never has", 2)
     if not values.get("token"):
         raise ClientError(
             "no clinician token: use --token, TRANSMURAL_TOKEN or --config "

@@ -111,6 +111,12 @@ async def report(
     )  # fmt: skip
     if output == "tables":
         print(file=out)
+        if purpose == "emergency":
+            print(
+                f"EMERGENCY ACCESS (break-the-glass): every facility recorded it with your "
+                f"reason, {reason!r}; where consent refused you, it was overridden.",
+                file=out,
+            )
         report_view.print_tables(merged, out)
     else:
         shape = report_view.report_json if output == "json" else report_view.report_fhir
@@ -162,6 +168,7 @@ def _common_options(parser: argparse.ArgumentParser, defaults: bool, purpose: bo
         "--reason", default="" if defaults else argparse.SUPPRESS,
         help="why: required with --purpose emergency, recorded in every facility's audit log",
     )  # fmt: skip
+    _deadline_option(parser, defaults)
 
 
 def _deadline_ms(text: str) -> int:
@@ -207,7 +214,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--json", action="store_true", help="machine-readable output (schema in the README)"
     )
-    _deadline_option(s)
     s.add_argument(
         "--type", default="", metavar="TEXT",
         help="only documents whose type (display or code) or title contains TEXT",
@@ -232,7 +238,6 @@ def _parser() -> argparse.ArgumentParser:
         "--all", action="store_true",
         help=f"every encounter and procedure (tables show the newest {RECENT_ROWS})",
     )  # fmt: skip
-    _deadline_option(r)
     f = sub.add_parser("fetch", help="fetch one document from a facility")
     _common_options(f, defaults=False)
     f.add_argument("identifier", help="the patient, as for search")
@@ -243,11 +248,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _deadline_option(parser: argparse.ArgumentParser) -> None:
+def _deadline_option(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     parser.add_argument(
         "--deadline-ms",
         type=_deadline_ms,
-        default=0,
+        default=0 if defaults else argparse.SUPPRESS,
         metavar="MS",
         help="how long to wait for each facility, in ms (default 0: the node's own, 3000)",
     )

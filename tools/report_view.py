@@ -94,12 +94,21 @@ STATUS_STYLES = {
 # --- tables ---
 
 
+class _PipedConsole(Console):
+    """rich exits 1 when the reader of a pipe leaves (``| head``); we let the
+    caller end quietly with 0, as for every other output of ``transmural``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console_for(out: TextIO) -> Console:
     """A rich console on ``out``: colour on a terminal, fixed-width ASCII otherwise."""
-    probe = Console(file=out)
+    probe = _PipedConsole(file=out)
     if probe.is_terminal:
-        return Console(file=out, highlight=False)
-    return Console(file=out, highlight=False, width=PLAIN_WIDTH, color_system=None)
+        return _PipedConsole(file=out, highlight=False)
+    return _PipedConsole(file=out, highlight=False, width=PLAIN_WIDTH, color_system=None)
 
 
 def print_tables(report: Report, out: TextIO) -> None:
