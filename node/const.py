@@ -6,6 +6,11 @@ PEER_DEADLINE_S = 3.0
 MAX_PEER_DEADLINE_S = 30.0
 #: Deadline of a registry call (locate, publish, register).
 REGISTRY_DEADLINE_S = 3.0
+#: How long the gateway may answer from a patient's last known holders while
+#: the registry is unreachable (results then say they may be incomplete),
+#: and how many patients it remembers.
+LOCATION_CACHE_S = 600.0
+LOCATION_CACHE_SIZE = 10_000
 #: Deadline of a whole document fetch through the gateway.
 FETCH_DEADLINE_S = 120.0
 

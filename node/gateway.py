@@ -8,6 +8,12 @@ own deadline turns it into ``timeout`` or ``unreachable``.
 A search asks for documents, the live report for structured entries; both
 run the same fan-out (``Gateway._fan_out``), only the peer call differs.
 
+The registry down: the gateway remembers each patient's holders from the
+last successful locate (``RecentLocations``, up to LOCATION_CACHE_S) and
+asks those instead. Every facility's answer then carries ``REGISTRY_DOWN``
+in its message, so a clinician never reads it as the whole picture; with
+nothing remembered the search fails (``Unavailable``), never "no records".
+
 The gateway talks to the registry and to peers through two small ports
 (``HolderIndex``, ``PeerLink``) so that it never touches gRPC itself.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 
 PURPOSES = ("treatment", "emergency")
 MAX_TEXT = 500
+#: Said in each facility's message when holders came from memory, not the registry.
+REGISTRY_DOWN = "registry unreachable: results may be incomplete"
 
 
 class HolderIndex(Protocol):
@@ -114,6 +123,38 @@ class AskingAudit(Protocol):
     ) -> None: ...
 
 
+class RecentLocations:
+    """Each pseudonym's holders as last located, for a while, least recent dropped first."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        keep_s: float = const.LOCATION_CACHE_S,
+        size: int = const.LOCATION_CACHE_SIZE,
+    ) -> None:
+        self._clock = clock
+        self._keep_s = keep_s
+        self._size = size
+        self._known: OrderedDict[bytes, tuple[float, list[Facility]]] = OrderedDict()
+
+    def remember(self, pseudonym: bytes, holders: list[Facility]) -> None:
+        self._known[pseudonym] = (self._clock.monotonic(), list(holders))
+        self._known.move_to_end(pseudonym)
+        while len(self._known) > self._size:
+            self._known.popitem(last=False)
+
+    def recall(self, pseudonym: bytes) -> tuple[list[Facility], float] | None:
+        """(holders, age in seconds) when known recently and someone held data."""
+        known = self._known.get(pseudonym)
+        if known is None:
+            return None
+        age = self._clock.monotonic() - known[0]
+        if age > self._keep_s:
+            del self._known[pseudonym]
+            return None
+        return (list(known[1]), age) if known[1] else None
+
+
 class Gateway:
     """Search, report and fetch across the network on a clinician's behalf."""
 
@@ -132,6 +173,7 @@ class Gateway:
         self._peers = peers
         self._clock = clock or SystemClock()
         self._default_deadline_s = default_deadline_s
+        self._recent = RecentLocations(self._clock)
 
     def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
@@ -157,7 +199,7 @@ class Gateway:
         """Stream one document from the facility ``node_id``."""
         check_requester(requester)
         pseudonym = self._pseudonymiser.pseudonym(identifier)
-        holders = await self._index.locate(pseudonym)
+        holders, _ = await self._locate(pseudonym)
         facility = next((f for f in holders if f.node_id == node_id), None)
         if facility is None:
             raise NotFound(f"facility {node_id!r} is not listed as holding this patient's data")
@@ -185,6 +227,20 @@ class Gateway:
             "fetch-answer", "granted", requester, pseudonym, correlation_id,
             f"{node_id}: received", node=node_id, documents=[document_id],
         )  # fmt: skip
+
+    async def _locate(self, pseudonym: bytes) -> tuple[list[Facility], str]:
+        """Holders from the registry, or remembered ones with a note saying so."""
+        try:
+            holders = await self._index.locate(pseudonym)
+        except Unavailable:
+            known = self._recent.recall(pseudonym)
+            if known is None:
+                raise
+            holders, age_s = known
+            log.warning("registry unreachable: asking holders as located %.0f s ago", age_s)
+            return holders, f"{REGISTRY_DOWN} (holders as known {age_s:.0f} s ago)"
+        self._recent.remember(pseudonym, holders)
+        return holders, ""
 
     async def _within_deadline(
         self, pieces: AsyncGenerator[tuple[DocumentRecord | None, bytes]], node_id: str
@@ -248,13 +304,13 @@ class Gateway:
         deadline = self._deadline(deadline_s)
         pseudonym = self._pseudonymiser.pseudonym(identifier)
         correlation_id = uuid.uuid4().hex
-        holders = await self._index.locate(pseudonym)
+        holders, note = await self._locate(pseudonym)
         log.info("%s %s: %d holders", action, correlation_id, len(holders))
         # Logged before anyone is asked: no access without its audit record.
         await self._record(
             action, "granted", requester, pseudonym, correlation_id,
             f"asked {len(holders)} {'facility' if len(holders) == 1 else 'facilities'}: "
-            f"{', '.join(f.node_id for f in holders)}",
+            f"{', '.join(f.node_id for f in holders)}{f' ({note})' if note else ''}",
         )  # fmt: skip
         yield Located(holders, correlation_id)
         tasks = [
@@ -274,6 +330,8 @@ class Gateway:
                     f"{facility.node_id}: {status}", node=facility.node_id,
                     documents=audited(parts),
                 )  # fmt: skip
+                if note:
+                    message = f"{message}; {note}" if message else note
                 yield answer(facility, status, elapsed_ms, message, parts)
         finally:
             for task in tasks:

@@ -8,7 +8,8 @@ import io
 import pytest
 
 from tests.conftest import NetworkFactory, collect, node_tls, publish_as, start_silent_peer
-from tools.gateway_client import ClientError
+from tools.gateway_client import ClientError, FacilityResult
+from tools.render import facility_line
 from tools.spread import SpreadPlan
 from transmural.identifiers import BSN_SYSTEM, canonical
 
@@ -192,3 +193,12 @@ async def test_peer_that_never_answers_times_out(
     assert 250 <= results["hung"].elapsed_ms < 2000
     answered = [r for n, r in results.items() if n != "hung"]
     assert answered and all(r.status == "ok" for r in answered)
+
+
+def test_an_ok_answer_with_a_warning_shows_it() -> None:
+    """An answer from remembered holders (registry down) must say so on the facility line."""
+    warned = FacilityResult(
+        "node-2", "Ziekenhuis", "ok", 4, "registry unreachable: results may be incomplete", []
+    )
+    assert "may be incomplete" in facility_line(warned)
+    assert "1 document" not in facility_line(warned) and "0 documents" in facility_line(warned)

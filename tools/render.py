@@ -51,6 +51,8 @@ def facility_line(result: FacilityResult | FacilityItems) -> str:
         detail = _count(len(result.items), "entry", "entries")
     else:
         detail = _count(len(result.documents), "document")
+    if result.status == "ok" and result.message:  # e.g. the registry was unreachable
+        detail = f"{detail} ({result.message})"
     return (
         f"  {result.status:<15} {result.node_id:<10} {_cut(result.organisation, 36):<36} "
         f"{result.elapsed_ms:>6} ms  {detail}".rstrip()

@@ -141,6 +141,8 @@ def facilities_table(report: Report, style: box.Box = box.ASCII) -> Table:
         table.add_row("", "", "no facility in the network knows this patient", "", "")
     for f in report.facilities:
         detail = str(f.items) if f.status == "ok" else f.message
+        if f.status == "ok" and f.message:  # e.g. answered from remembered holders
+            detail = f"{detail} ({f.message})"
         table.add_row(
             Text(f.status, style=STATUS_STYLES.get(f.status, "")),
             f.node_id, f.organisation, str(f.elapsed_ms), detail,

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from transmural import pki
 from transmural.const import MAX_MESSAGE_BYTES
 from transmural.errors import ConfigError
+from transmural.status import MalformedRequestInterceptor
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -86,7 +87,11 @@ def open_channel(
 
 
 def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    """A server with our limits; an unparsable request is INVALID_ARGUMENT (``status``)."""
+    return grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[MalformedRequestInterceptor(), *interceptors],
+    )
 
 
 def bind(
