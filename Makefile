@@ -8,7 +8,7 @@ STUBS  := transmural/v1/.generated
 DATA   ?=
 NODES  ?= 3
 
-.PHONY: setup stubs test demo devnet lint clean
+.PHONY: setup stubs test bench demo devnet lint clean
 
 setup: $(STAMP) $(STUBS)
 
@@ -28,6 +28,10 @@ stubs: $(STUBS)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Measured figures beside same-run baselines; writes BENCHMARKS.md (< 10 minutes).
+bench: setup
+	$(BIN)/python -m tools.bench.run
 
 demo: setup
 	$(BIN)/transmural-admin devnet --nodes $(NODES) --demo $(if $(DATA),--data "$(DATA)")
