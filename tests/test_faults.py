@@ -381,3 +381,34 @@ async def test_publishes_while_the_registry_is_down_arrive_once_it_is_back(
     expected = {net.pseudonymiser.pseudonym(canonical(BSN_SYSTEM, b)) for b in bsns}
     assert expected <= {p for p, n in rows if n == "node-1"}
     assert len(rows) == len(rows_before) + len(bsns)
+
+
+async def test_a_burst_beyond_the_limit_is_refused_not_queued() -> None:
+    """Overload: calls past the server's limit get RESOURCE_EXHAUSTED at once."""
+    never = asyncio.Event()
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    server = transport.new_server(max_concurrent_rpcs=2)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(
+            "test.Slow", {"Call": grpc.unary_unary_rpc_method_handler(hang)}
+        )]
+    )  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = channel.unary_unary("/test.Slow/Call")
+        calls = [asyncio.ensure_future(call(b"", timeout=3)) for _ in range(6)]
+        done, _ = await asyncio.wait(calls, timeout=2.5)
+        codes = [getattr(c.exception(), "code", lambda: None)() for c in done]
+        refused = [code for code in codes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) == 4, [c.exception() for c in done]
+    finally:
+        for c in calls:
+            c.cancel()
+        await channel.close()
+        await server.stop(0)

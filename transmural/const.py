@@ -11,3 +11,8 @@ MAX_PUBLISH_BATCH = 10_000
 
 #: Most pseudonyms in one Locate call.
 MAX_LOCATE_BATCH = 1_000
+
+#: Most calls one server runs at once; beyond it a call gets RESOURCE_EXHAUSTED.
+#: Throughput on these machines peaks by ~8 in flight per core; this leaves
+#: room for slow streams (document fetches) without unbounded queueing.
+MAX_CONCURRENT_RPCS = 256

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from transmural import pki
-from transmural.const import MAX_MESSAGE_BYTES
+from transmural.const import MAX_CONCURRENT_RPCS, MAX_MESSAGE_BYTES
 from transmural.errors import ConfigError
 from transmural.status import MalformedRequestInterceptor
 
@@ -86,11 +86,20 @@ def open_channel(
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
-def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """A server with our limits; an unparsable request is INVALID_ARGUMENT (``status``)."""
+def new_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+) -> grpc.aio.Server:
+    """A server with our limits; an unparsable request is INVALID_ARGUMENT (``status``).
+
+    At most ``max_concurrent_rpcs`` calls run at once: a burst beyond that
+    gets RESOURCE_EXHAUSTED at once instead of queueing with latency growing
+    without limit.
+    """
     return grpc.aio.server(
         options=SERVER_OPTIONS,
         interceptors=[MalformedRequestInterceptor(), *interceptors],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
 
