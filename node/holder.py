@@ -29,7 +29,7 @@ from node.consent import ConsentDecision, ConsentPolicy, decide
 from node.records import DocumentRecord, PatientRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
-from transmural.errors import InvalidInput, NotFound, PermissionDenied
+from transmural.errors import InvalidInput, NotFound, PermissionDenied, TransmuralError
 from transmural.pseudonym import is_pseudonym
 
 log = logging.getLogger(__name__)
@@ -134,49 +134,19 @@ class RecordHolder:
         if not document_id or len(document_id) > 256:
             raise InvalidInput("document id must be 1 to 256 characters")
         patient = await self._patient(pseudonym)
-        if patient is None:
+        decision, document = None, None
+        if patient is not None:
+            decision = await self._decide(patient, requester)
+            document = await self._store.document(patient.patient_key, document_id)
+        refusal = _fetch_refusal(patient, decision, document, document_id)
+        if refusal is not None:
+            reason, error = refusal
             await self._log(
-                "fetch",
-                "denied",
-                requester,
-                origin,
-                pseudonym,
-                None,
-                reason="no record of this patient here",
-                documents_ids=[document_id],
-            )
-            raise NotFound("this facility holds no record of the patient")
-        decision = await self._decide(patient, requester)
-        document = await self._store.document(patient.patient_key, document_id)
-        refused = not decision.allowed or (
-            document is not None and bool(document.categories & decision.denied_categories)
-        )
-        if refused:
-            await self._log(
-                "fetch",
-                "denied",
-                requester,
-                origin,
-                pseudonym,
-                patient,
-                decision=decision,
-                reason="consent",
-                documents_ids=[document_id],
-            )
-            raise PermissionDenied("the patient's consent does not allow sharing this with you")
-        if document is None:
-            await self._log(
-                "fetch",
-                "denied",
-                requester,
-                origin,
-                pseudonym,
-                patient,
-                decision=decision,
-                reason="no such document",
-                documents_ids=[document_id],
-            )
-            raise NotFound(f"no document {document_id!r} for this patient here")
+                "fetch", "denied", requester, origin, pseudonym, patient,
+                decision=decision, reason=reason, documents_ids=[document_id],
+            )  # fmt: skip
+            raise error
+        assert patient is not None and decision is not None and document is not None
         await self._log(
             "fetch",
             "granted",
@@ -286,3 +256,25 @@ def _shared_items(resources: list[dict[str, Any]], decision: ConsentDecision) ->
         return not categories & denied
 
     return extract(r for r in resources if shared(r))
+
+
+def _fetch_refusal(
+    patient: PatientRecord | None,
+    decision: ConsentDecision | None,
+    document: DocumentRecord | None,
+    document_id: str,
+) -> tuple[str, TransmuralError] | None:
+    """Why a fetch is refused (audit reason, error to raise), in the order checked."""
+    if patient is None or decision is None:
+        return "no record of this patient here", NotFound(
+            "this facility holds no record of the patient"
+        )
+    if not decision.allowed or (
+        document is not None and document.categories & decision.denied_categories
+    ):
+        return "consent", PermissionDenied(
+            "the patient's consent does not allow sharing this with you"
+        )
+    if document is None:
+        return "no such document", NotFound(f"no document {document_id!r} for this patient here")
+    return None
