@@ -8,9 +8,14 @@ the same search carries too.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from node.answers import Requester
 from node.audit import AuditLog, AuditRecord
 from node.store import NodeStore
+
+#: Correlation ids whose patient key is kept (searches in flight, and then some).
+REMEMBERED_SEARCHES = 1024
 
 
 class AskingAudit:
@@ -20,6 +25,8 @@ class AskingAudit:
         self._log = log
         self._store = store
         self._node_id = node_id
+        #: correlation id -> the patient's local key (None: not held here), recent ones.
+        self._patients: OrderedDict[str, int | None] = OrderedDict()
 
     async def asked(
         self,
@@ -33,7 +40,7 @@ class AskingAudit:
         node: str,
         documents: list[str],
     ) -> None:
-        patient = await self._store.patient_by_pseudonym(pseudonym)
+        patient_key = await self._patient_key(pseudonym, correlation_id)
         btg = requester.purpose_of_use == "emergency"
         await self._log.append(
             AuditRecord(
@@ -41,7 +48,7 @@ class AskingAudit:
                 outcome=outcome,  # type: ignore[arg-type]
                 side="asking",
                 outcome_reason=reason,
-                patient_key=None if patient is None else patient.patient_key,
+                patient_key=patient_key,
                 pseudonym=pseudonym.hex(),
                 document_ids=documents,
                 clinician_id=requester.clinician_id,
@@ -56,3 +63,13 @@ class AskingAudit:
                 correlation_id=correlation_id,
             )
         )
+
+    async def _patient_key(self, pseudonym: bytes, correlation_id: str) -> int | None:
+        if correlation_id in self._patients:
+            return self._patients[correlation_id]
+        patient = await self._store.patient_by_pseudonym(pseudonym)
+        key = None if patient is None else patient.patient_key
+        self._patients[correlation_id] = key
+        if len(self._patients) > REMEMBERED_SEARCHES:
+            self._patients.popitem(last=False)
+        return key

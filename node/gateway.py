@@ -315,27 +315,48 @@ class Gateway:
         yield Located(holders, correlation_id)
         tasks = [
             asyncio.create_task(
-                self._ask(action, call, f, pseudonym, requester, correlation_id, deadline)
+                self._ask_and_record(
+                    action, call, audited, f, pseudonym, requester, correlation_id, deadline
+                )
             )
             for f in holders
         ]
         try:
             for finished in asyncio.as_completed(tasks):
                 facility, status, elapsed_ms, message, parts = await finished
-                outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(
-                    status, "error"
-                )
-                await self._record(
-                    f"{action}-answer", outcome, requester, pseudonym, correlation_id,
-                    f"{facility.node_id}: {status}", node=facility.node_id,
-                    documents=audited(parts),
-                )  # fmt: skip
                 if note:
                     message = f"{message}; {note}" if message else note
                 yield answer(facility, status, elapsed_ms, message, parts)
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _ask_and_record(
+        self,
+        action: str,
+        call: PeerCall[Part],
+        audited: Callable[[list[Part]], list[str]],
+        facility: Facility,
+        pseudonym: bytes,
+        requester: Requester,
+        correlation_id: str,
+        deadline_s: float,
+    ) -> tuple[Facility, Status, int, str, list[Part]]:
+        """Ask one facility and write the record of its answer before handing it on.
+
+        Each facility's task writes its own record, so answers arriving
+        together are logged together (the audit log commits them as one).
+        """
+        asked = await self._ask(
+            action, call, facility, pseudonym, requester, correlation_id, deadline_s
+        )
+        _, status, _, _, parts = asked
+        outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(status, "error")
+        await self._record(
+            f"{action}-answer", outcome, requester, pseudonym, correlation_id,
+            f"{facility.node_id}: {status}", node=facility.node_id, documents=audited(parts),
+        )  # fmt: skip
+        return asked
 
     async def _ask(
         self,

@@ -157,7 +157,7 @@ class RecordHolder:
             decision=decision,
             documents=[document],
         )
-        return document, self._store.document_chunks(document_id)
+        return document, self._store.document_pieces(document_id)
 
     async def _consented(
         self, action: str, pseudonym: bytes, requester: Requester, origin: Origin

@@ -24,7 +24,7 @@ from node.gateway import Gateway
 from node.holder import Origin, RecordHolder
 from node.users import Clinicians
 from transmural.auth import current_caller
-from transmural.const import DOCUMENT_CHUNK_BYTES
+from transmural.const import FETCH_PIECE_BYTES
 from transmural.errors import InvalidInput
 from transmural.identifiers import Identifier, canonical
 from transmural.pseudonym import is_pseudonym
@@ -159,7 +159,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async for metadata, data in self._gateway.fetch(
             identifier, request.node_id, request.document_id, requester
         ):
-            if len(data) > DOCUMENT_CHUNK_BYTES * 4:
+            if len(data) > FETCH_PIECE_BYTES:
                 raise InvalidInput("the facility sent an oversized chunk")
             chunk = common_pb2.DocumentChunk(data=data)
             if metadata is not None:

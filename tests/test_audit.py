@@ -547,3 +547,31 @@ def test_cli_export_of_an_unknown_patient_exits_1(
 
     assert code == 1
     assert "no patient with that identifier" in capsys.readouterr().err
+
+
+async def test_appends_arriving_together_are_written_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    """Group commit: twenty answers logged at once cost one transaction, not twenty."""
+    db = await Database.open(
+        tmp_path / "node.db", MIGRATIONS, FakeClock(), owner="node", busy_timeout_ms=1000
+    )
+    opened: list[str] = []
+    transaction = db.transaction
+
+    def counted(name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        opened.append(name)
+        return transaction(name)
+
+    db.transaction = counted  # type: ignore[method-assign]
+    log = AuditLog(db, FakeClock())
+    try:
+        stored = await asyncio.gather(
+            *(log.append(search(correlation_id=f"c{i}")) for i in range(20))
+        )
+        assert [r.seq for r in stored] == list(range(1, 21))  # in the order appended
+        assert [r.correlation_id for r in stored] == [f"c{i}" for i in range(20)]
+        assert opened == ["audit_append"]
+        assert await log.verify() == audit_module.VerifyReport(True, 20, None)
+    finally:
+        await db.close()

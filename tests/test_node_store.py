@@ -22,7 +22,7 @@ from node.records import (
     ResourceDraft,
 )
 from node.store import NodeStore
-from transmural.const import DOCUMENT_CHUNK_BYTES
+from transmural.const import DOCUMENT_CHUNK_BYTES, FETCH_PIECE_BYTES
 from transmural.errors import ConfigError, InvalidBundle, NotFound
 from transmural.identifiers import US_SSN_SYSTEM, Identifier, canonical
 from transmural.pseudonym import Pseudonymiser
@@ -214,6 +214,19 @@ async def test_pseudonyms_assigned_after_ingest_without_a_key(store: NodeStore) 
     assert (await store.patients())[0].pseudonym is not None
 
 
+async def test_a_fetch_reads_a_document_in_pieces_of_joined_chunks(store: NodeStore) -> None:
+    content = os.urandom(2 * FETCH_PIECE_BYTES + 5)
+    await store.write_bundle(
+        bundle(
+            [patient("p1", "999-11-1111")],
+            documents=[document("d1", "p1", content, "2020-01-01", OrganisationRef(display="X"))],
+        )
+    )
+    pieces = [piece async for piece in store.document_pieces("d1")]
+    assert [len(p) for p in pieces] == [FETCH_PIECE_BYTES, FETCH_PIECE_BYTES, 5]
+    assert b"".join(pieces) == content
+
+
 async def test_large_document_reads_back_in_chunks(store: NodeStore) -> None:
     content = os.urandom(3 * DOCUMENT_CHUNK_BYTES + 12_345)  # > 200 KB, not a chunk multiple
     assert len(content) > 200_000
@@ -231,6 +244,10 @@ async def test_large_document_reads_back_in_chunks(store: NodeStore) -> None:
     chunks = [chunk async for chunk in store.document_chunks("d1")]
     assert len(chunks) == 4 and all(len(c) <= DOCUMENT_CHUNK_BYTES for c in chunks)
     assert b"".join(chunks) == content
+    # A fetch sends stored chunks joined into pieces of at most FETCH_PIECE_BYTES.
+    pieces = [piece async for piece in store.document_pieces("d1")]
+    assert [len(p) for p in pieces] == [len(content)]
+    assert pieces == [content]
     # Re-ingest with other content replaces the chunks instead of adding to them.
     shorter = b"short"
     await store.write_bundle(

@@ -3,8 +3,14 @@
 #: Largest gRPC message either side accepts (grpc's own default is 4 MiB).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
-#: Size of one document chunk in a fetch stream.
+#: Size of one stored document chunk (a row of ``document_chunks``).
 DOCUMENT_CHUNK_BYTES = 64 * 1024
+
+#: Most content bytes in one message of a fetch stream: four stored chunks
+#: joined. Relaying a message costs about the same whatever its size, so
+#: fewer, larger messages fetch faster; memory per fetch stays bounded by
+#: this size, never the document's.
+FETCH_PIECE_BYTES = 4 * DOCUMENT_CHUNK_BYTES
 
 #: Most index entries in one Publish call; a node splits larger batches.
 MAX_PUBLISH_BATCH = 10_000

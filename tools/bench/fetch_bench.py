@@ -1,8 +1,14 @@
 """Document fetch through gateway and peer, beside plain gRPC streaming of the same bytes.
 
-The network (registry and two joined nodes) runs in this process, as the
-tests' ``network`` fixture does; so does the plain streaming server of the
-baseline, so both share the same core budget.
+The registry and two nodes run as separate processes, as in a real
+network; the baseline's plain streaming server is a process too. The
+document's content is replaced by ``size`` bytes before node-2 starts
+(written straight into its store, in the store's own chunking).
+
+Memory: the peak resident size of both node processes is reset before
+each fetch and read after it (``/proc/<pid>/clear_refs``, VmHWM); the
+growth is what one fetch of that size cost, to compare with the chunk
+size rather than the document size.
 """
 
 from __future__ import annotations
@@ -12,16 +18,18 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from node.server import NodeServer
-from tools.bench.common import ECHO_STREAM_METHOD, Figure, echo_server, mint_node
-from tools.bench.network import bench_network
-from tools.spread import spread
+from node.store import NodeStore
+from registry.network import load_network
+from tools.bench.common import ECHO_STREAM_METHOD, Figure, mint_node
+from tools.bench.processes import echo_processes, node_processes, reset_peak, resident_bytes
+from tools.gateway_client import GatewayClient
 from tools.synthetic import generate
 from transmural import pki, transport
-from transmural.const import DOCUMENT_CHUNK_BYTES
-from transmural.identifiers import BSN_SYSTEM, canonical
+from transmural.const import DOCUMENT_CHUNK_BYTES, FETCH_PIECE_BYTES
+from transmural.identifiers import BSN_SYSTEM
 
 SIZES = (1_000_000, 100_000_000)
+MIB = 1024 * 1024
 
 
 class Sink:
@@ -35,20 +43,33 @@ class Sink:
         return len(data)
 
 
-async def _replace_content(node: NodeServer, document_id: str, size: int) -> None:
-    """Give the document ``size`` bytes of content, written straight into the store."""
+async def _largest_document(database: Path, size: int) -> tuple[str, str]:
+    """(BSN, document id) of a document of node's store, its content replaced by ``size`` bytes."""
+    store = await NodeStore.open(database)
+    try:
+        for patient in await store.patients():
+            documents = await store.documents_of(patient.patient_key)
+            bsn = patient.identifier
+            if documents and bsn is not None and bsn.system == BSN_SYSTEM:
+                await _replace_content(store, documents[0].document_id, size)
+                return bsn.value, documents[0].document_id
+    finally:
+        await store.close()
+    raise AssertionError(f"no document of a patient with a BSN in {database}")
+
+
+async def _replace_content(store: NodeStore, document_id: str, size: int) -> None:
     chunk = bytes(range(256)) * (DOCUMENT_CHUNK_BYTES // 256)
     digest = hashlib.sha256()
-    rows = []
-    for seq, start in enumerate(range(0, size, DOCUMENT_CHUNK_BYTES)):
-        data = chunk[: min(DOCUMENT_CHUNK_BYTES, size - start)]
-        digest.update(data)
-        rows.append((document_id, seq, data))
-    async with node.store._db.transaction("bench_document") as db:
+    async with store._db.transaction("bench_document") as db:
         await db.execute("DELETE FROM document_chunks WHERE document_id = ?", (document_id,))
-        await db.executemany(
-            "INSERT INTO document_chunks (document_id, seq, data) VALUES (?, ?, ?)", rows
-        )
+        for seq, start in enumerate(range(0, size, DOCUMENT_CHUNK_BYTES)):
+            data = chunk[: min(DOCUMENT_CHUNK_BYTES, size - start)]
+            digest.update(data)
+            await db.execute(
+                "INSERT INTO document_chunks (document_id, seq, data) VALUES (?, ?, ?)",
+                (document_id, seq, data),
+            )
         await db.execute(
             "UPDATE documents SET size = ?, sha256 = ? WHERE document_id = ?",
             (size, digest.hexdigest(), document_id),
@@ -56,57 +77,74 @@ async def _replace_content(node: NodeServer, document_id: str, size: int) -> Non
 
 
 async def fetch(root: Path, reps: int, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
-    async with bench_network(root / "fetch", 2) as net:
-        assert net.registry.network is not None
-        bundles = root / "fetch" / "bundles"
-        generate(bundles)
-        shares = [root / "fetch" / f"share-{i}" for i in range(2)]
-        plan = spread(bundles, shares)
-        for node, share in zip(net.nodes, shares, strict=True):
-            await net.load(node, share)
-        fhir_id = next(f for f in sorted(plan.patients) if 1 in plan.patients[f].nodes)
-        bsn = next(v for s, v in plan.patients[fhir_id].identifiers if s == BSN_SYSTEM)
-        patient = await net.nodes[1].store.patient_by_identifier(canonical(BSN_SYSTEM, bsn))
-        assert patient is not None
-        document_id = (await net.nodes[1].store.documents_of(patient.patient_key))[0].document_id
-        client = await net.client(0)
-        plain_server, plain_address = echo_server(net.registry.network.tls)
-        await plain_server.start()
-        tls = mint_node(net.registry.network, "bench-client")
-        plain = transport.open_channel(plain_address, tls, pki.REGISTRY_DNS_NAME)
-        try:
+    figures = []
+    for size in sizes:
+        figures += await _fetch_size(root / f"fetch-{size}", reps, size)
+    return figures
+
+
+async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
+    generate(root / "bundles", 2)
+    holdings: list[list[Path]] = [[], [root / "bundles"]]
+    found: list[tuple[str, str]] = []
+
+    async def give_content(databases: list[Path]) -> None:
+        found.append(await _largest_document(databases[1], size))
+
+    async with node_processes(root / "net", holdings, before_start=give_content) as net:
+        bsn, document_id = found[0]
+        client = GatewayClient(net.access(0))
+        network = load_network(net.network_dir)
+        tls = mint_node(network, "bench-client")
+        pids = [server.process.pid for server in net.nodes]
+        async with echo_processes(1, network.tls) as (address,):
+            plain = transport.open_channel(address, tls, pki.REGISTRY_DNS_NAME)
             stream = plain.unary_stream(ECHO_STREAM_METHOD)
-            figures = []
-            for size in sizes:
-                await _replace_content(net.nodes[1], document_id, size)
-                figure = Figure(
-                    f"Document fetch, {size / 1e6:g} MB, gateway -> peer", "MB/s",
-                    f"plain gRPC server streaming, same bytes in "
-                    f"{DOCUMENT_CHUNK_BYTES // 1024} KiB chunks", 0.7,
-                )  # fmt: skip
+            figure = Figure(
+                f"Document fetch, {size / 1e6:g} MB, gateway -> peer", "MB/s",
+                f"plain gRPC server streaming of the same bytes in the same "
+                f"{FETCH_PIECE_BYTES // 1024} KiB messages, one process to the client", 0.7,
+            )  # fmt: skip
+            growth = [0, 0]
+            try:
                 for _ in range(reps):
-                    sink = Sink()
-                    started = time.perf_counter()
-                    await client.fetch(bsn, "node-2", document_id, _io(sink))
-                    figure.values.append(size / 1e6 / (time.perf_counter() - started))
-                    assert sink.size == size
-                    received = 0
-                    started = time.perf_counter()
-                    request = size.to_bytes(8, "big") + DOCUMENT_CHUNK_BYTES.to_bytes(4, "big")
-                    async for chunk in stream(request):
-                        received += len(chunk)
-                    figure.baselines.append(size / 1e6 / (time.perf_counter() - started))
-                    assert received == size
-                figure.notes = (
-                    "registry, both nodes and the plain server run in this one process; the "
-                    "fetch crosses two hops (clinician -> gateway -> peer, each mutual TLS or "
-                    "TLS) and reads SQLite chunks, the baseline one hop from memory"
-                )
-                figures.append(figure)
-            return figures
-        finally:
-            await plain.close()
-            await plain_server.stop(0)
+                    peaks = [(resident_bytes(p), reset_peak(p)) for p in pids]
+                    figure.values.append(await _timed_fetch(client, bsn, document_id, size))
+                    for side, (pid, (before, reset)) in enumerate(zip(pids, peaks, strict=True)):
+                        if reset:
+                            peak = resident_bytes(pid, "VmHWM") - before
+                            growth[side] = max(growth[side], peak)
+                    figure.baselines.append(await _timed_stream(stream, size))
+            finally:
+                await client.close()
+                await plain.close()
+    figure.notes = (
+        "registry, nodes and the plain server are separate processes; the fetch crosses two "
+        "hops (clinician -> gateway over TLS, gateway -> peer over mutual TLS) and reads "
+        "SQLite chunks, the baseline one hop from memory; peak resident growth during a "
+        f"fetch: asking node {growth[0] / MIB:.1f} MiB, holding node {growth[1] / MIB:.1f} MiB"
+    )
+    return [figure]
+
+
+async def _timed_fetch(client: GatewayClient, bsn: str, document_id: str, size: int) -> float:
+    sink = Sink()
+    started = time.perf_counter()
+    await client.fetch(bsn, "node-2", document_id, _io(sink))
+    elapsed = time.perf_counter() - started
+    assert sink.size == size, (sink.size, size)
+    return size / 1e6 / elapsed
+
+
+async def _timed_stream(stream, size: int) -> float:  # type: ignore[no-untyped-def]
+    received = 0
+    started = time.perf_counter()
+    request = size.to_bytes(8, "big") + FETCH_PIECE_BYTES.to_bytes(4, "big")
+    async for chunk in stream(request):
+        received += len(chunk)
+    elapsed = time.perf_counter() - started
+    assert received == size
+    return size / 1e6 / elapsed
 
 
 def _io(sink: Sink) -> BinaryIO:
