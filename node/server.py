@@ -122,7 +122,7 @@ class NodeServer:
         self._revocations = RevocationList(self._registry, self._store)
         await self._revocations.load()
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
-        self._peers = PeerChannels(tls, signer)
+        self._peers = PeerChannels(tls, signer, self.clock)
         gateway = Gateway(
             pseudonymiser, self._registry, self._peers, self.clock, config.peer_deadline_s,
             AskingAudit(self.audit, self._store, config.node_id),

@@ -21,6 +21,13 @@ def test_bench_quick_run_writes_a_report(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     text = report.read_text()
-    for figure in ("Registry Locate", "Index publish", "Document fetch", "Fan-out", "Ingest", "Load"):
+    for figure in (
+        "Registry Locate",
+        "Index publish",
+        "Document fetch",
+        "Fan-out",
+        "Ingest",
+        "Load",
+    ):
         assert figure in text, f"{figure} missing from the report"
     assert "x**" in text  # every figure has its ratio against a same-run baseline

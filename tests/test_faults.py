@@ -12,9 +12,11 @@ import hashlib
 import io
 import json
 import os
+import random
 import socket
 import sqlite3
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,16 @@ from node import const as node_const
 from node.consent_desk import ConsentDesk
 from node.gateway import REGISTRY_DOWN
 from node.ingest import ingest_file
+from node.server import NodeServer
 from registry.server import RegistryServer
-from tests.conftest import NetworkFactory, RunningNetwork, collect, node_tls, wait_for
+from tests.conftest import (
+    NetworkFactory,
+    RunningNetwork,
+    collect,
+    join_node,
+    node_tls,
+    wait_for,
+)
 from tests.test_ingest import bundle_of, dutch_patient, note
 from tests.test_search import at_least, bsn_of
 from tools.gateway_client import ClientError
@@ -412,3 +422,82 @@ async def test_a_burst_beyond_the_limit_is_refused_not_queued() -> None:
             c.cancel()
         await channel.close()
         await server.stop(0)
+
+
+#: How long a server may take to drop a connection that sent it garbage.
+DROP_WITHIN_S = 5.0
+_NOISE = random.Random(6).randbytes(4096)
+#: Garbage that must get the connection dropped. Fixed bytes, unlike JUNK: random
+#: ones could now and then make a well-formed but unfinished record (a TLS or
+#: HTTP/2 frame header promising more bytes), which a server rightly waits for.
+GARBAGE = {
+    "zeros": b"\x00" * 64,
+    "http/1.1": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "noise": _NOISE,
+    "tls header, then noise": b"\x16\x03\x01\x02\x00" + _NOISE[:512],
+    "http/2 preface, then noise": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _NOISE[:256],
+}
+
+
+def _member_tls_context(node: NodeServer) -> ssl.SSLContext:
+    """TLS as a member node speaks it (its certificate, ALPN h2): the handshake
+    completes on every port, so the garbage reaches grpc's HTTP/2 layer."""
+    config = node.config
+    assert config.ca_certificate and config.certificate and config.private_key
+    context = ssl.create_default_context(cafile=str(config.ca_certificate))
+    context.load_cert_chain(config.certificate, config.private_key)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _until_dropped(sock: socket.socket) -> str:
+    """Read, never writing again, until the server closes: "eof" or "reset", or "open"."""
+    deadline = time.monotonic() + DROP_WITHIN_S
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(4096):
+                return "eof"
+    except TimeoutError:
+        return "open"
+    except (ConnectionResetError, ssl.SSLError):  # a TLS alert, then the close
+        return "reset"
+    return "open"
+
+
+def _garbage_ending(
+    address: str, payload: bytes, context: ssl.SSLContext | None, server_name: str
+) -> str:
+    """Send ``payload`` (after a TLS handshake with ``context``) with the write side
+    left open, so only the server can end the connection; how it ended."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=DROP_WITHIN_S) as raw:
+        sock = raw if context is None else context.wrap_socket(raw, server_hostname=server_name)
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            return "reset"  # dropped before it had read everything
+        return _until_dropped(sock)
+
+
+@pytest.mark.parametrize("port", ["registry", "registry-join", "node-peer", "node-gateway"])
+async def test_garbage_gets_the_connection_dropped_and_the_server_answers_after(
+    network: NetworkFactory, tmp_path: Path, port: str
+) -> None:
+    net = await network(n=1)
+    address, tls, server_name = _ports(net)[port]
+    context = _member_tls_context(net.nodes[0])
+    for layer, over in (("tcp", None), ("tls", context)):
+        for name, payload in GARBAGE.items():
+            ended = await asyncio.to_thread(_garbage_ending, address, payload, over, server_name)
+            assert ended in ("eof", "reset"), (
+                f"{port}: {name} over {layer} left the connection {ended} after {DROP_WITHIN_S:g} s"
+            )
+    # The server still answers a real call on the same port.
+    if port == "registry-join":
+        joined = await join_node(net.registry, tmp_path / "late", 7)
+        assert joined.certificate is not None and joined.certificate.exists()
+    else:
+        await _healthy(address, tls, server_name)
+    holders, _ = await collect(net.client(0), "111222333")
+    assert holders.node_ids == []

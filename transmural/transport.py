@@ -29,6 +29,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
+    # grpc's own reconnect back-off grows to 120 s: after a long registry
+    # outage a node would not notice it is back for two minutes. Peers have
+    # their own back-off (node.peer_health) and fresh channels.
+    ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
