@@ -1,7 +1,8 @@
 """The node's audit log: append-only, hash-chained, in the node's own SQLite file.
 
 Every access, grant and denial is one ``AuditRecord`` (DESIGN flow 7).
-``AuditLog.append`` writes it in a ``BEGIN IMMEDIATE`` transaction that
+``AuditLog.append`` writes it in a ``BEGIN IMMEDIATE`` transaction (on the
+database's thread, in one hop: ``Database.run``) that
 reads the last record's hash and inserts the new one (with any others
 waiting at that moment, in order) with
 
@@ -71,17 +72,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import re
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 
@@ -97,6 +99,7 @@ VERIFY_BATCH = 2_000
 #: Most records written in one transaction by the group commit.
 MAX_BATCH = 256
 
+Result = TypeVar("Result")
 Outcome = Literal["granted", "denied", "error"]
 Side = Literal["asking", "answering", "local"]
 OUTCOMES: tuple[str, ...] = ("granted", "denied", "error")
@@ -154,9 +157,11 @@ class VerifyReport:
 class AuditDatabase(Protocol):
     """What the log needs of a database: ``transmural.database.Database`` has it."""
 
-    def transaction(self, name: str) -> AbstractAsyncContextManager[aiosqlite.Connection]: ...
-
     def read(self, name: str) -> AbstractAsyncContextManager[aiosqlite.Connection]: ...
+
+    async def run(
+        self, name: str, work: Callable[[sqlite3.Connection], Result], *, write: bool
+    ) -> Result: ...
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AuditRecord))
@@ -222,26 +227,12 @@ class AuditLog:
 
     async def _write(self, records: list[AuditRecord]) -> list[AuditRecord]:
         try:
-            async with self._db.transaction("audit_append") as db:
-                rows = list(
-                    await db.execute_fetchall(
-                        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-                    )
-                )
-                seq, prev_hash = (rows[0][0], bytes(rows[0][1])) if rows else (0, GENESIS)
-                stored, values = [], []
-                for record in records:
-                    seq += 1
-                    chained = dataclasses.replace(record, seq=seq)
-                    hash_ = chain_hash(prev_hash, chained)
-                    stored.append(chained)
-                    values.append((*_row(chained), prev_hash, hash_))
-                    prev_hash = hash_
-                await _insert(db, values)
+            return await self._db.run(
+                "audit_append", functools.partial(_chain_onto_log, records), write=True
+            )
         except Exception as error:
             log.warning("%d audit record(s) not written: %s", len(records), error)
             raise Unavailable(f"the audit log cannot be written: {error}") from error
-        return stored
 
     async def verify(self) -> VerifyReport:
         """Walk the whole chain in ``seq`` order; report the first broken or missing record.
@@ -366,9 +357,29 @@ def _timestamp(epoch_seconds: float) -> str:
     return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="milliseconds")
 
 
-async def _insert(db: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> None:
+def _chain_onto_log(records: list[AuditRecord], db: sqlite3.Connection) -> list[AuditRecord]:
+    """Number and hash ``records`` after the last one stored, and insert them.
+
+    Runs on the database's thread inside the append's transaction, so the
+    last hash cannot change between reading it and inserting after it.
+    """
+    rows = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchall()
+    seq, prev_hash = (rows[0][0], bytes(rows[0][1])) if rows else (0, GENESIS)
+    stored, values = [], []
+    for record in records:
+        seq += 1
+        chained = dataclasses.replace(record, seq=seq)
+        hash_ = chain_hash(prev_hash, chained)
+        stored.append(chained)
+        values.append((*_row(chained), prev_hash, hash_))
+        prev_hash = hash_
+    _insert(db, values)
+    return stored
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Insert stored rows (columns, prev_hash, hash) in one statement execution."""
-    await db.executemany(_INSERT, rows)
+    db.executemany(_INSERT, rows)
 
 
 def _row(record: AuditRecord) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ from node.answers import HolderAnswer, Requester, Status
 from node.audit import AuditLog, AuditRecord
 from node.categories import resource_categories
 from node.clinical_items import REPORT_TYPES, Extraction, extract
-from node.consent import ConsentDecision, ConsentPolicy, decide
+from node.consent import ConsentDecision, ConsentPolicy, ConsentRecord, decide
 from node.records import DocumentRecord, PatientRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
@@ -133,10 +133,11 @@ class RecordHolder:
         """Metadata and content stream of one of the patient's documents."""
         if not document_id or len(document_id) > 256:
             raise InvalidInput("document id must be 1 to 256 characters")
-        patient = await self._patient(pseudonym)
+        _check_pseudonym(pseudonym)
+        patient, consents = await self._store.patient_and_consents(pseudonym)
         decision, document = None, None
         if patient is not None:
-            decision = await self._decide(patient, requester)
+            decision = self._decision(consents, requester)
             document = await self._store.document(patient.patient_key, document_id)
         refusal = _fetch_refusal(patient, decision, document, document_id)
         if refusal is not None:
@@ -163,7 +164,8 @@ class RecordHolder:
         self, action: str, pseudonym: bytes, requester: Requester, origin: Origin
     ) -> tuple[PatientRecord, ConsentDecision] | Status:
         """The patient and a decision that allows something, or (logged) why there is none."""
-        patient = await self._patient(pseudonym)
+        _check_pseudonym(pseudonym)
+        patient, consents = await self._store.patient_and_consents(pseudonym)
         if patient is None:
             await self._log(
                 action,
@@ -175,7 +177,7 @@ class RecordHolder:
                 reason="no record of this patient here",
             )
             return Status.NO_RECORD
-        decision = await self._decide(patient, requester)
+        decision = self._decision(consents, requester)
         if not decision.allowed:
             await self._log(
                 action,
@@ -190,8 +192,7 @@ class RecordHolder:
             return Status.CONSENT_DENIED
         return patient, decision
 
-    async def _decide(self, patient: PatientRecord, requester: Requester) -> ConsentDecision:
-        consents = await self._store.consents_of(patient.patient_key)
+    def _decision(self, consents: list[ConsentRecord], requester: Requester) -> ConsentDecision:
         return decide(
             consents,
             requester.organisation_id,
@@ -201,11 +202,6 @@ class RecordHolder:
             self._policy,
             self._clock.now(),
         )
-
-    async def _patient(self, pseudonym: bytes) -> PatientRecord | None:
-        if not is_pseudonym(pseudonym):
-            raise InvalidInput("pseudonym must be 32 bytes")
-        return await self._store.patient_by_pseudonym(pseudonym)
 
     async def _log(
         self,
@@ -245,6 +241,11 @@ class RecordHolder:
                 correlation_id=origin.correlation_id,
             )
         )
+
+
+def _check_pseudonym(pseudonym: bytes) -> None:
+    if not is_pseudonym(pseudonym):
+        raise InvalidInput("pseudonym must be 32 bytes")
 
 
 def _shared_items(resources: list[dict[str, Any]], decision: ConsentDecision) -> Extraction:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,20 @@ class NodeStore:
     # --- patients ---
 
     async def patient_by_pseudonym(self, pseudonym: bytes) -> PatientRecord | None:
-        rows = await self._db.fetch(
-            f"SELECT {_PATIENT_COLUMNS} FROM patients WHERE pseudonym = ? "
-            "ORDER BY patient_key LIMIT 1",
-            (pseudonym,),
-        )
+        rows = await self._db.fetch(_PATIENT_BY_PSEUDONYM, (pseudonym,))
         return _patient(rows[0]) if rows else None
+
+    async def patient_and_consents(
+        self, pseudonym: bytes
+    ) -> tuple[PatientRecord | None, list[ConsentRecord]]:
+        """The patient with ``pseudonym`` and their consents, in one trip to the database.
+
+        What every peer's question needs first; one hop instead of two is a
+        tenth of a millisecond on each of the many answers a node gives.
+        """
+        return await self._db.run(
+            "patient_and_consents", partial(_read_patient_and_consents, pseudonym), write=False
+        )
 
     async def patient_by_identifier(self, identifier: Identifier) -> PatientRecord | None:
         """The patient with this (canonical) identifier, national or any other."""
@@ -393,10 +402,7 @@ class NodeStore:
 
     async def consents_of(self, patient_key: int) -> list[ConsentRecord]:
         """The patient's consents, withdrawn ones included, in the order recorded here."""
-        rows = await self._db.fetch(
-            f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE patient_key = ? ORDER BY rowid",
-            (patient_key,),
-        )
+        rows = await self._db.fetch(_CONSENTS_OF, (patient_key,))
         return [_consent(row) for row in rows]
 
     async def consent(self, consent_id: str) -> ConsentRecord | None:
@@ -440,6 +446,17 @@ def _prefixed(alias: str, columns: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
 
 
+def _read_patient_and_consents(
+    pseudonym: bytes, db: sqlite3.Connection
+) -> tuple[PatientRecord | None, list[ConsentRecord]]:
+    rows = db.execute(_PATIENT_BY_PSEUDONYM, (pseudonym,)).fetchall()
+    if not rows:
+        return None, []
+    patient = _patient(rows[0])
+    consents = db.execute(_CONSENTS_OF, (patient.patient_key,)).fetchall()
+    return patient, [_consent(row) for row in consents]
+
+
 def _patient(row: sqlite3.Row) -> PatientRecord:
     key, fhir_id, system, value, pseudonym, family, given, birth_date, consent = row
     return PatientRecord(
@@ -464,6 +481,10 @@ _CONSENT_COLUMNS = (
     "consent_id, patient_key, decision, actor_kind, actor, data, period_start, period_end, "
     "recorded_by, recorded_via, recorded_at, status, withdrawn_at"
 )
+_PATIENT_BY_PSEUDONYM = (
+    f"SELECT {_PATIENT_COLUMNS} FROM patients WHERE pseudonym = ? ORDER BY patient_key LIMIT 1"
+)
+_CONSENTS_OF = f"SELECT {_CONSENT_COLUMNS} FROM consents WHERE patient_key = ? ORDER BY rowid"
 
 
 def _consent_row(record: ConsentRecord) -> tuple[object, ...]:

@@ -339,8 +339,8 @@ async def test_a_failure_inside_the_transaction_rolls_the_record_back(
     await fill(log, 3)
     insert = audit_module._insert
 
-    async def insert_then_fail(*args: Any) -> None:
-        await insert(*args)
+    def insert_then_fail(*args: Any) -> None:
+        insert(*args)
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(audit_module, "_insert", insert_then_fail)
@@ -557,13 +557,13 @@ async def test_appends_arriving_together_are_written_in_one_transaction(
         tmp_path / "node.db", MIGRATIONS, FakeClock(), owner="node", busy_timeout_ms=1000
     )
     opened: list[str] = []
-    transaction = db.transaction
+    run = db.run
 
-    def counted(name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    async def counted(name: str, work: Any, *, write: bool) -> Any:
         opened.append(name)
-        return transaction(name)
+        return await run(name, work, write=write)
 
-    db.transaction = counted  # type: ignore[method-assign]
+    db.run = counted  # type: ignore[method-assign]
     log = AuditLog(db, FakeClock())
     try:
         stored = await asyncio.gather(

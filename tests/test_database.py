@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,3 +110,50 @@ async def test_a_file_that_is_not_a_database_is_refused_naming_it(tmp_path: Path
 
     with pytest.raises(ConfigError, match=re.escape(f"cannot use test database {bad}: ")):
         await open_test_db(bad, [CREATE])
+
+
+async def test_run_commits_what_work_wrote_and_rolls_back_when_it_raises(tmp_path: Path) -> None:
+    db = await open_test_db(tmp_path / "t.db", ["CREATE TABLE t (x INTEGER);"])
+    try:
+
+        def add(value: int, fail: bool, conn: sqlite3.Connection) -> int:
+            conn.execute("INSERT INTO t (x) VALUES (?)", (value,))
+            if fail:
+                raise sqlite3.OperationalError("disk full, say")
+            return value
+
+        assert await db.run("add", lambda c: add(1, False, c), write=True) == 1
+        with pytest.raises(sqlite3.OperationalError, match="disk full"):
+            await db.run("add", lambda c: add(2, True, c), write=True)
+        rows = await db.run("read", lambda c: c.execute("SELECT x FROM t").fetchall(), write=False)
+        assert [tuple(r) for r in rows] == [(1,)]
+        # The connection is not left inside the failed transaction.
+        async with db.transaction("after") as conn:
+            await conn.execute("INSERT INTO t (x) VALUES (3)")
+        assert [r[0] for r in await db.fetch("SELECT x FROM t ORDER BY x")] == [1, 3]
+    finally:
+        await db.close()
+
+
+async def test_run_finishes_its_transaction_when_the_caller_is_cancelled(tmp_path: Path) -> None:
+    db = await open_test_db(tmp_path / "t.db", ["CREATE TABLE t (x INTEGER);"])
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+
+        def slow_add(conn: sqlite3.Connection) -> None:
+            loop.call_soon_threadsafe(started.set)
+            conn.execute("INSERT INTO t (x) VALUES (1)")
+            time.sleep(0.2)  # on the database's thread, not the event loop
+
+        task = asyncio.ensure_future(db.run("slow", slow_add, write=True))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The next statement queues behind the transaction, which committed whole.
+        assert [r[0] for r in await db.fetch("SELECT x FROM t")] == [1]
+        async with db.transaction("after") as conn:
+            await conn.execute("INSERT INTO t (x) VALUES (2)")
+    finally:
+        await db.close()

@@ -417,6 +417,9 @@ async def test_a_burst_beyond_the_limit_is_refused_not_queued() -> None:
         codes = [getattr(c.exception(), "code", lambda: None)() for c in done]
         refused = [code for code in codes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
         assert len(refused) == 4, [c.exception() for c in done]
+        # The clinician's client tells "node busy" by this detail (tools.gateway_client).
+        details = [c.exception().details() for c in done if c.exception() is not None]
+        assert sum("concurrent" in (d or "").lower() for d in details) == 4, details
     finally:
         for c in calls:
             c.cancel()
@@ -501,3 +504,50 @@ async def test_garbage_gets_the_connection_dropped_and_the_server_answers_after(
         await _healthy(address, tls, server_name)
     holders, _ = await collect(net.client(0), "111222333")
     assert holders.node_ids == []
+
+
+def _open_idle(address: str, count: int) -> list[socket.socket]:
+    host, port = address.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def _closed_by_server(sockets: list[socket.socket], within_s: float) -> int:
+    """How many of ``sockets`` the server closes (EOF or reset) within ``within_s``."""
+    closed = 0
+    deadline = time.monotonic() + within_s
+    for sock in sockets:
+        try:
+            while True:  # the server may send its HTTP/2 settings first
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if sock.recv(4096) == b"":
+                    closed += 1
+                    break
+        except ConnectionResetError:
+            closed += 1
+        except TimeoutError:
+            pass
+    return closed
+
+
+async def test_idle_connections_are_capped_and_dropped_after_the_handshake_timeout() -> None:
+    """Sockets opened and left silent cost memory: beyond the cap they are closed
+    at once, and the rest when the handshake timeout passes; the server answers after."""
+    server = transport.new_server(max_connections=4, handshake_timeout_ms=1_000)
+    health_servicer = transport.add_health_and_reflection(server, [])
+    address = transport.bind(server, "127.0.0.1:0", None)
+    await server.start()
+    await transport.mark_serving(health_servicer, [])
+    idle: list[socket.socket] = []
+    try:
+        idle = await asyncio.to_thread(_open_idle, address, 10)
+        assert await asyncio.to_thread(_closed_by_server, idle[4:], 0.5) == 6  # over the cap
+        assert await asyncio.to_thread(_closed_by_server, idle[:4], 3.0) == 4  # handshake timeout
+        channel = transport.open_channel(address, None)
+        try:
+            await transport.health_check(channel, 5)
+        finally:
+            await channel.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        await server.stop(0)

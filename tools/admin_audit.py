@@ -22,10 +22,10 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import aiosqlite
 
@@ -36,6 +36,8 @@ from transmural.clock import SystemClock
 from transmural.errors import ConfigError, Unavailable
 from transmural.identifiers import Identifier, canonical_system, parse_token
 from transmural.pseudonym import Pseudonymiser, read_network_key
+
+T = TypeVar("T")
 
 
 def add_audit_commands(sub: argparse._SubParsersAction) -> None:
@@ -199,10 +201,8 @@ class _ReadOnlyDatabase:
     async def read(self, name: str) -> AsyncIterator[aiosqlite.Connection]:
         yield self._connection
 
-    @asynccontextmanager
-    async def transaction(self, name: str) -> AsyncIterator[aiosqlite.Connection]:
+    async def run(self, name: str, work: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         raise Unavailable(f"{name}: the database was opened read-only")
-        yield self._connection  # pragma: no cover - makes this a generator
 
 
 @asynccontextmanager

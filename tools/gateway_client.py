@@ -282,6 +282,12 @@ class GatewayClient:
                     f"cannot reach your node at {self.address}: is it running, and are the "
                     "network CA and node id right?", 3,
                 )  # fmt: skip
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent" in detail.lower():
+            # grpc's own limit on calls in flight: the node is busy, not broken.
+            return ClientError(
+                f"your node at {self.address} is busy (too many requests at once); "
+                "try again in a moment", 3,
+            )  # fmt: skip
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
         if code is grpc.StatusCode.UNAUTHENTICATED:

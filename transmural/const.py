@@ -22,3 +22,14 @@ MAX_LOCATE_BATCH = 1_000
 #: Throughput on these machines peaks by ~8 in flight per core; this leaves
 #: room for slow streams (document fetches) without unbounded queueing.
 MAX_CONCURRENT_RPCS = 256
+
+#: Most connections one server keeps open at once (idle ones included);
+#: a network of a few thousand facilities each keeping one channel fits.
+MAX_INCOMING_CONNECTIONS = 4096
+
+#: A connection that has not finished its TLS handshake by then is dropped.
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+#: A connection with no calls for this long is closed (a client reconnects
+#: transparently on its next call).
+MAX_CONNECTION_IDLE_MS = 10 * 60 * 1000

@@ -20,7 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from transmural import pki
-from transmural.const import MAX_CONCURRENT_RPCS, MAX_MESSAGE_BYTES
+from transmural.const import (
+    HANDSHAKE_TIMEOUT_MS,
+    MAX_CONCURRENT_RPCS,
+    MAX_CONNECTION_IDLE_MS,
+    MAX_INCOMING_CONNECTIONS,
+    MAX_MESSAGE_BYTES,
+)
 from transmural.errors import ConfigError
 from transmural.status import MalformedRequestInterceptor
 
@@ -38,6 +44,11 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # A connection that never finishes its TLS handshake is dropped after
+    # this long (grpc's default: 120 s), and a connection with no calls
+    # after MAX_CONNECTION_IDLE_MS: each costs ~50 KB until it goes.
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
 ]
 
 
@@ -93,15 +104,24 @@ def open_channel(
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+    max_connections: int = MAX_INCOMING_CONNECTIONS,
+    handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS,
 ) -> grpc.aio.Server:
     """A server with our limits; an unparsable request is INVALID_ARGUMENT (``status``).
 
     At most ``max_concurrent_rpcs`` calls run at once: a burst beyond that
     gets RESOURCE_EXHAUSTED at once instead of queueing with latency growing
-    without limit.
+    without limit. At most ``max_connections`` connections are open at once
+    (a connection beyond is closed as it arrives), so idle sockets opened
+    by a hostile client cannot grow the server's memory without limit.
     """
+    options = [
+        *(o for o in SERVER_OPTIONS if o[0] != "grpc.server_handshake_timeout_ms"),
+        ("grpc.server_handshake_timeout_ms", handshake_timeout_ms),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+    ]
     return grpc.aio.server(
-        options=SERVER_OPTIONS,
+        options=options,
         interceptors=[MalformedRequestInterceptor(), *interceptors],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
