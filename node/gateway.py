@@ -76,7 +76,11 @@ AnswerOf = Callable[[Facility, Status, int, str, list[Part]], Answer]
 
 
 class PeerLink(Protocol):
-    """Calls to other nodes. Transport failures come back as statuses."""
+    """Calls to other nodes. Transport failures come back as statuses.
+
+    A fetch raises instead (Unavailable too when a chunk takes longer than
+    ``chunk_deadline_s``): it asks one facility, whose failure is the answer.
+    """
 
     async def find_documents(
         self,
@@ -103,6 +107,7 @@ class PeerLink(Protocol):
         document_id: str,
         requester: Requester,
         correlation_id: str,
+        chunk_deadline_s: float,
     ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]: ...
 
 
@@ -210,7 +215,7 @@ class Gateway:
             f"asked {node_id}", node=node_id, documents=[document_id],
         )  # fmt: skip
         pieces = self._peers.fetch_document(
-            facility, pseudonym, document_id, requester, correlation_id
+            facility, pseudonym, document_id, requester, correlation_id, self._default_deadline_s
         )
         try:
             async for piece in self._within_deadline(pieces, node_id):
@@ -246,10 +251,14 @@ class Gateway:
         self, pieces: AsyncGenerator[tuple[DocumentRecord | None, bytes]], node_id: str
     ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
         """Each chunk within the peer deadline: a frozen facility is reported in
-        seconds, while a large document may take minutes."""
+        seconds, while a large document may take minutes.
+
+        The peer link enforces the deadline itself (and counts a silent
+        facility as failing); this is the belt to its braces, as in ``_ask``.
+        """
         while True:
             try:
-                async with asyncio.timeout(self._default_deadline_s):
+                async with asyncio.timeout(self._default_deadline_s + 0.5):
                     piece = await anext(pieces)
             except StopAsyncIteration:
                 return

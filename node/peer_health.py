@@ -18,8 +18,19 @@ The back-off is shared by every clinician of the node, so a timeout under a
 deadline shorter than SHORTEST_JUDGED_DEADLINE_S does not count: it says
 more about the deadline one clinician chose than about the peer.
 
+While a peer backs off, it is also health-checked in the background about
+every CHECK_EVERY_S (``checked``), so that a facility restarted on its old
+address is asked again within a second or two instead of at the end of a
+window of up to MAX_BACKOFF_S. A check that finds the peer serving ends the
+window early: the next question is let through as the probe, and its answer
+decides, as at the end of any window (the failures in a row are kept, so a
+peer that still fails backs off for twice as long). It ends the window only
+if the peer was seen *not* serving since its last failure (or that failure
+was not reaching it at all): a peer that answers health checks all along
+while its calls hang would otherwise cost a full deadline every check.
+
 Nothing here knows about gRPC; ``node.peer_link`` decides what counts as a
-transport failure and holds the channels.
+transport failure, holds the channels and runs the checks.
 """
 
 from __future__ import annotations
@@ -32,13 +43,16 @@ from datetime import UTC, datetime
 from node.answers import Status
 from transmural.clock import Clock
 
-#: Back-off window after the first failure in a row, and its longest.
+#: Back-off window after the first failure in a row, and its longest. The cap
+#: bounds how long a recovered peer can look dead when nothing else notices.
 FIRST_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 8.0
 #: Each window is shortened by a random part of up to this fraction.
 BACKOFF_JITTER = 0.2
 #: A timeout under a shorter deadline than this does not start a back-off.
 SHORTEST_JUDGED_DEADLINE_S = 1.0
+#: A backing-off peer is health-checked this often (jittered like the window).
+CHECK_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +84,7 @@ class _Trouble:
     status: Status
     what: str
     retry_at: float  # on the monotonic clock
+    seen_down: bool  # a check found it not serving, or the failure was not reaching it
     probing: bool = False
 
 
@@ -83,6 +98,7 @@ class PeerHealth:
         max_s: float | None = None,
         jitter: float | None = None,
         shortest_judged_s: float | None = None,
+        check_every_s: float | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         # Read at construction (not as default values) so tests can shrink them.
@@ -92,6 +108,7 @@ class PeerHealth:
         self._shortest_judged_s = (
             SHORTEST_JUDGED_DEADLINE_S if shortest_judged_s is None else shortest_judged_s
         )
+        self._check_every_s = CHECK_EVERY_S if check_every_s is None else check_every_s
         self._clock = clock
         self._rand = rand
         self._trouble: dict[Hashable, _Trouble] = {}
@@ -130,7 +147,11 @@ class PeerHealth:
             return None
         window = self.window(failures + 1)
         self._trouble[attempt.peer] = _Trouble(
-            failures + 1, status, what, self._clock.monotonic() + window
+            failures + 1,
+            status,
+            what,
+            self._clock.monotonic() + window,
+            seen_down=status is Status.UNREACHABLE,
         )
         return window
 
@@ -139,6 +160,38 @@ class PeerHealth:
         trouble = self._trouble.get(attempt.peer)
         if attempt.probe and trouble is not None and trouble.failures == attempt.round:
             trouble.probing = False
+
+    def window_left(self, peer: Hashable) -> float | None:
+        """Seconds until ``peer`` is asked again; None when nothing holds it back.
+
+        None also while a probe is on its way or after the window ended:
+        then a call decides, and a background check has nothing to add.
+        """
+        trouble = self._trouble.get(peer)
+        if trouble is None or trouble.probing:
+            return None
+        left = trouble.retry_at - self._clock.monotonic()
+        return left if left > 0 else None
+
+    def check_delay(self) -> float:
+        """How long to wait before the next background check, jittered like the window."""
+        return self._check_every_s * (1.0 - self._jitter * self._rand())
+
+    def checked(self, peer: Hashable, serving: bool) -> bool:
+        """A background health check's result; True when it ended the window now.
+
+        Serving ends the window only after the peer was seen down (module doc).
+        """
+        trouble = self._trouble.get(peer)
+        if trouble is None or self.window_left(peer) is None:
+            return False
+        if not serving:
+            trouble.seen_down = True
+            return False
+        if not trouble.seen_down:
+            return False
+        trouble.retry_at = self._clock.monotonic()
+        return True
 
     def window(self, failures: int) -> float:
         """Back-off after ``failures`` in a row: doubling from the first, capped, jittered."""

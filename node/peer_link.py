@@ -19,10 +19,25 @@ peer backs off this node holds no failed channel to it, and the probe
 dials a fresh one, which costs one handshake per window. A channel to a
 peer that merely timed out stays open: its connection works, and other
 calls may be on their way over it.
+
+While a peer backs off, one task (``_watch``) asks the standard gRPC
+health service every node serves whether it is up again, about once a
+second, each time on a fresh channel (a kept one would sit in grpc's
+reconnect back-off) and within CHECK_TIMEOUT_S: a facility restarted on
+its old address is found within a second or two, not at the end of a
+window (``peer_health`` decides what a check proves). The task ends with
+the window or when the channels close, so a peer nobody asks for is not
+dialled for longer than one window.
+
+A fetch may stream for minutes, but each chunk must come within the
+deadline the gateway gives: a facility that goes silent mid-fetch (frozen,
+hung) has failed like one that timed out on a search, so the next fetch
+or search is answered at once instead of waiting the deadline again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -30,6 +45,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node import const
 from node.answers import Facility, Requester, Status
@@ -45,6 +61,11 @@ from transmural.status import from_server
 from transmural.v1 import common_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: A background health check of a backing-off peer gives up after this long.
+CHECK_TIMEOUT_S = 2.0
+#: A peer that timed out (a search's deadline, a fetch's silent chunk), in the clinician's words.
+_NO_ANSWER = "no answer before the deadline"
 
 
 class _Answer(Protocol):
@@ -62,6 +83,10 @@ _PEER_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Status.TIMEOUT,
     grpc.StatusCode.UNAVAILABLE: Status.UNREACHABLE,
 }
+
+
+class _Silent(Exception):
+    """A fetch's next chunk did not come within its deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +116,8 @@ class PeerChannels:
         self._health = health or PeerHealth(clock or SystemClock())
         self._links: dict[tuple[str, str], _Link] = {}
         self._warned: set[str] = set()
+        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._closed = False
 
     def stub(self, facility: Facility) -> peer_pb2_grpc.PeerStub:
         key = _key(facility)
@@ -109,6 +136,12 @@ class PeerChannels:
         return common_pb2.SignedAssertion(payload=payload, signature=signature)
 
     async def close(self) -> None:
+        """Stop the health checks, then close every channel."""
+        self._closed = True
+        watches, self._watches = list(self._watches.values()), {}
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
         links, self._links = list(self._links.values()), {}
         for link in links:
             await link.channel.close()
@@ -186,8 +219,14 @@ class PeerChannels:
         document_id: str,
         requester: Requester,
         correlation_id: str,
+        chunk_deadline_s: float,
     ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]:
-        """The document's chunks; Unavailable at once while the facility backs off."""
+        """The document's chunks, each within ``chunk_deadline_s`` (module doc).
+
+        Unavailable at once while the facility backs off, and when a chunk
+        is late: a facility that goes silent is reported in seconds, while
+        a large document may take minutes.
+        """
         attempt = self._health.admit(_key(facility))
         if isinstance(attempt, NotAsked):
             raise Unavailable(f"facility {facility.node_id}: {attempt.message}")
@@ -198,11 +237,11 @@ class PeerChannels:
             assertion=self._assertion(requester, pseudonym, facility),
         )
         try:
-            async with self._asking(facility, attempt, const.FETCH_DEADLINE_S) as stub:
+            async with self._asking(facility, attempt, chunk_deadline_s) as stub:
                 call = stub.FetchDocument(
                     request, timeout=const.FETCH_DEADLINE_S, wait_for_ready=False
                 )
-                async for chunk in call:
+                while (chunk := await _next_chunk(call, chunk_deadline_s)) is not None:
                     # Reached: a long download must not keep others from probing.
                     self._reached(facility, attempt)
                     metadata = (
@@ -211,6 +250,10 @@ class PeerChannels:
                     yield metadata, chunk.data
         except grpc.aio.AioRpcError as error:
             raise _domain_error(facility, error) from None
+        except _Silent:
+            raise Unavailable(
+                f"facility {facility.node_id} did not answer within {chunk_deadline_s:g} s"
+            ) from None
 
     @contextlib.asynccontextmanager
     async def _asking(
@@ -229,6 +272,10 @@ class PeerChannels:
         except grpc.aio.AioRpcError as error:
             await self._failed(facility, attempt, error, deadline_s)
             raise
+        except _Silent:
+            self._note_failure(facility, "no chunk within the deadline")
+            self._back_off(facility, attempt, Status.TIMEOUT, _NO_ANSWER, deadline_s)
+            raise
         except BaseException:
             self._health.abandoned(attempt)
             raise
@@ -243,19 +290,64 @@ class PeerChannels:
         self, facility: Facility, attempt: Attempt, error: grpc.aio.AioRpcError, deadline_s: float
     ) -> None:
         """Back off after a transport failure; any answer from the peer proves it is there."""
-        self._note_failure(facility, error)
         code = error.code()
+        self._note_failure(facility, code.name)
         if from_server(error) or code not in _PEER_STATUS:
             if code is grpc.StatusCode.CANCELLED and not from_server(error):
                 self._health.abandoned(attempt)  # our side gave up: says nothing of the peer
             else:
                 self._health.answered(attempt)
             return
-        window = self._health.failed(attempt, _PEER_STATUS[code], _describe(error), deadline_s)
-        if window is not None:
-            log.info("peer %s: not asked for %.1f s", facility.node_id, window)
+        self._back_off(facility, attempt, _PEER_STATUS[code], _describe(error), deadline_s)
         if code is grpc.StatusCode.UNAVAILABLE:
             await self._drop_if_failing(facility)
+
+    def _back_off(
+        self, facility: Facility, attempt: Attempt, status: Status, what: str, deadline_s: float
+    ) -> None:
+        """Count a transport failure; while the peer backs off, watch for it coming back."""
+        window = self._health.failed(attempt, status, what, deadline_s)
+        if window is not None:
+            log.info("peer %s: not asked for %.1f s", facility.node_id, window)
+        key = _key(facility)
+        if self._closed or key in self._watches or self._health.window_left(key) is None:
+            return
+        self._watches[key] = asyncio.create_task(
+            self._watch(facility), name=f"peer-watch-{facility.node_id}"
+        )
+
+    async def _watch(self, facility: Facility) -> None:
+        """Health-check a backing-off peer about once a second until its window ends."""
+        key = _key(facility)
+        try:
+            while (left := self._health.window_left(key)) is not None:
+                await asyncio.sleep(min(self._health.check_delay(), left))
+                if self._health.window_left(key) is None:
+                    return  # over, or a call is probing: the call decides
+                if self._health.checked(key, await self._serving(facility)):
+                    log.info("peer %s serves again: the next call asks it", facility.node_id)
+        finally:
+            if self._watches.get(key) is asyncio.current_task():
+                del self._watches[key]
+
+    async def _serving(self, facility: Facility) -> bool:
+        """One standard health check on a fresh channel: does the peer say SERVING?
+
+        The status is read (``transport.health_check`` would only say that
+        something answered): a node on its way down may answer NOT_SERVING.
+        """
+        channel = transport.open_channel(
+            facility.endpoint, self._tls, pki.node_dns_name(facility.node_id)
+        )
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        finally:
+            await channel.close()
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _drop_if_failing(self, facility: Facility) -> None:
         """Close the channel if grpc holds it in TRANSIENT_FAILURE (see module doc)."""
@@ -266,21 +358,36 @@ class PeerChannels:
             del self._links[_key(facility)]
             await link.channel.close()
 
-    def _note_failure(self, facility: Facility, error: grpc.aio.AioRpcError) -> None:
+    def _note_failure(self, facility: Facility, what: str) -> None:
         """Log a failing peer once at WARNING, then at DEBUG until it recovers."""
         level = logging.DEBUG if facility.node_id in self._warned else logging.WARNING
         self._warned.add(facility.node_id)
-        log.log(level, "peer %s (%s): %s", facility.node_id, facility.endpoint, error.code().name)
+        log.log(level, "peer %s (%s): %s", facility.node_id, facility.endpoint, what)
 
 
 def _key(facility: Facility) -> tuple[str, str]:
     return facility.endpoint, facility.node_id
 
 
+async def _next_chunk(
+    call: grpc.aio.UnaryStreamCall, deadline_s: float
+) -> common_pb2.DocumentChunk | None:
+    """The stream's next chunk, None at its end; _Silent when none came in time.
+
+    A cancelled read cancels the call (grpc does), so the stream is not left open.
+    """
+    try:
+        async with asyncio.timeout(deadline_s):
+            chunk = await call.read()
+    except TimeoutError:
+        raise _Silent from None
+    return None if chunk is grpc.aio.EOF else chunk
+
+
 def _describe(error: grpc.aio.AioRpcError) -> str:
     code = error.code()
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "no answer before the deadline"
+        return _NO_ANSWER
     if code is grpc.StatusCode.UNAVAILABLE:
         return "could not connect to the facility"
     return f"{code.name}: {error.details() or 'no detail'}"

@@ -2,9 +2,10 @@
 
 The domain object (``PeerHealth``) runs on a fake clock; the rest runs a
 real network on loopback: a facility whose port drops every connection, one
-whose front answers UNAVAILABLE, one that hangs, one that is stopped and
-comes back. Back-off constants are shrunk or stretched per test with
-monkeypatch (``PeerChannels`` reads them when a node starts).
+whose front answers UNAVAILABLE, one that hangs (on a search or a fetch),
+one that is stopped and comes back on its old address. Back-off constants
+are shrunk or stretched per test with monkeypatch (``PeerChannels`` reads
+them when a node starts).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_ingest import bundle_of, dutch_patient, note
-from tools.gateway_client import ClientError, FacilityResult
+from tools.gateway_client import ClientError, FacilityResult, GatewayClient
 from transmural import pki, transport
 from transmural.identifiers import BSN_SYSTEM, canonical
 
@@ -73,7 +74,7 @@ def _not_asked(health: PeerHealth, peer: str = "p") -> NotAsked:
 
 def test_each_failed_probe_doubles_the_window_up_to_the_cap() -> None:
     clock = FakeClock()
-    health = PeerHealth(clock, first_s=1.0, max_s=30.0, jitter=0.0)
+    health = PeerHealth(clock, jitter=0.0)  # the real first window and cap
     windows = []
     for _ in range(8):
         attempt = _attempt(health)
@@ -83,7 +84,7 @@ def test_each_failed_probe_doubles_the_window_up_to_the_cap() -> None:
         clock.advance(window - 0.01)
         assert _not_asked(health).retry_in_s == pytest.approx(0.01)
         clock.advance(0.01)
-    assert windows == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert windows == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0]
 
 
 def test_jitter_only_shortens_the_window() -> None:
@@ -163,6 +164,49 @@ def test_a_timeout_under_a_short_deadline_does_not_count() -> None:
     assert health.failed(_attempt(health, "b"), Status.UNREACHABLE, "x", deadline_s=0.1) == 1.0
 
 
+def test_a_check_ends_the_window_once_the_peer_was_seen_down_and_serves_again() -> None:
+    """A frozen facility (timed out, checks fail) that thaws: the next call asks it."""
+    clock = FakeClock()
+    health = PeerHealth(clock, first_s=4.0, jitter=0.0)
+    health.failed(_attempt(health), Status.TIMEOUT, "no answer before the deadline")
+    assert health.checked("p", serving=False) is False
+    _not_asked(health)
+    clock.advance(1.0)
+    assert health.checked("p", serving=True) is True
+    assert health.window_left("p") is None
+
+    probe = _attempt(health)
+    assert probe.probe and probe.round == 1, "the failures in a row are kept"
+    assert health.failed(probe, Status.TIMEOUT, "no answer before the deadline") == 8.0
+
+
+def test_a_check_does_not_end_the_window_of_a_peer_that_served_all_along() -> None:
+    """Its calls hang while its health service answers: the window runs its course."""
+    clock = FakeClock()
+    health = PeerHealth(clock, first_s=4.0, jitter=0.0)
+    health.failed(_attempt(health), Status.TIMEOUT, "no answer before the deadline")
+    for _ in range(3):
+        clock.advance(1.0)
+        assert health.checked("p", serving=True) is False
+        assert health.window_left("p") == pytest.approx(4.0 - (clock.t - 1_700_000_000.0))
+    clock.advance(1.0)
+    assert health.window_left("p") is None and _attempt(health).probe
+
+
+def test_a_peer_not_reached_ends_its_window_at_the_first_serving_check() -> None:
+    """Stopped, then restarted on its address: nothing proved it up since it was down."""
+    health = PeerHealth(FakeClock(), first_s=8.0, jitter=0.0)
+    assert health.checked("p", serving=True) is False, "a healthy peer has no window"
+    health.failed(_attempt(health), Status.UNREACHABLE, "could not connect")
+    assert health.checked("p", serving=True) is True
+    assert _attempt(health).probe
+
+
+def test_checks_come_about_once_a_second_jittered() -> None:
+    assert PeerHealth(FakeClock(), rand=lambda: 0.0).check_delay() == 1.0
+    assert PeerHealth(FakeClock(), rand=lambda: 1.0).check_delay() == pytest.approx(0.8)
+
+
 def test_peers_back_off_independently() -> None:
     health = PeerHealth(FakeClock(), first_s=1.0, jitter=0.0)
     health.failed(_attempt(health, "a"), Status.UNREACHABLE, "could not connect")
@@ -185,9 +229,11 @@ def _member_tls(net: RunningNetwork, node_id: str) -> transport.TlsFiles:
     return transport.TlsFiles(pki.pem(network.ca_cert), pki.pem(cert), pki.key_pem(key))
 
 
-async def _patient_at_both(network: NetworkFactory, tmp_path: Path) -> tuple[RunningNetwork, bytes]:
+async def _patient_at_both(
+    network: NetworkFactory, tmp_path: Path, **settings: object
+) -> tuple[RunningNetwork, bytes]:
     """Two nodes that both hold patient BSN and may share; returns the net and the pseudonym."""
-    net = await network(n=2)
+    net = await network(n=2, **settings)
     bundle = tmp_path / "patient.json"
     bundle.write_text(json.dumps(bundle_of(dutch_patient("p1", BSN), note("n1", "p1"))))
     for node in net.nodes:
@@ -201,10 +247,17 @@ def _others_ok(results: dict[str, FacilityResult], dead: str) -> None:
     assert others == {"node-1": "ok", "node-2": "ok"}, others
 
 
+def _watching() -> list[asyncio.Task[object]]:
+    """The background health checks running in this process (``PeerChannels._watch``)."""
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("peer-watch-")]
+
+
 async def test_a_dead_facility_is_dialled_once_per_window_not_once_per_search(
     network: NetworkFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Searches only; the background checks are the next test's."""
     monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 30.0)
+    monkeypatch.setattr(peer_health, "CHECK_EVERY_S", 60.0)
     net, pseudonym = await _patient_at_both(network, tmp_path)
     dials = 0
 
@@ -233,6 +286,38 @@ async def test_a_dead_facility_is_dialled_once_per_window_not_once_per_search(
         # would have dialled again in the background by now.
         assert loop.time() - started > 2.0
         assert dials == 1
+        # A node that stops while a peer backs off stops checking it.
+        assert len(_watching()) == 1
+        await net.nodes[0].stop(0)
+        assert not _watching()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_a_dead_facility_nobody_asks_for_is_checked_only_until_its_window_ends(
+    network: NetworkFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 1.0)
+    monkeypatch.setattr(peer_health, "CHECK_EVERY_S", 0.4)
+    monkeypatch.setattr(peer_health, "BACKOFF_JITTER", 0.0)
+    net, pseudonym = await _patient_at_both(network, tmp_path)
+    dials = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dials
+        dials += 1
+        writer.close()
+
+    listener = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    await publish_as(net, _member_tls(net, "dead"), "dead", pseudonym, f"127.0.0.1:{port}")
+    try:
+        _, results = await collect(net.client(0), BSN)
+        assert results["dead"].status == "unreachable"
+        await asyncio.sleep(2.0)  # the 1 s window and twice as long again
+        assert not _watching()
+        assert dials == 3, "one search, then a check at 0.4 s and at 0.8 s"
     finally:
         listener.close()
         await listener.wait_closed()
@@ -323,12 +408,41 @@ async def test_a_hanging_facility_does_not_cost_every_search_its_deadline(
         await hung.stop(0)
 
 
-async def test_a_facility_that_comes_back_answers_again_within_the_window(
+async def test_a_facility_silent_on_a_fetch_is_not_waited_for_again(
     network: NetworkFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 0.3)
-    monkeypatch.setattr(peer_health, "MAX_BACKOFF_S", 1.0)
-    monkeypatch.setattr(peer_health, "BACKOFF_JITTER", 0.0)
+    """Frozen mid-fetch (SIGSTOP, a hung disk): the chunk deadline is a failure of the peer."""
+    monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 5.0)  # room for a loaded machine
+    net, pseudonym = await _patient_at_both(network, tmp_path, peer_deadline_s=1.0)
+    hung = await start_silent_peer(net, "FetchDocument", pseudonym)
+    client = net.client(0)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(ClientError, match=r"facility hung did not answer within 1 s"):
+            await client.fetch(BSN, "hung", "any-document", io.BytesIO())
+        assert 0.95 <= loop.time() - started < 1.45, "not the link's own chunk deadline"
+
+        started = loop.time()
+        refused = r"facility hung: not asked: no answer before the deadline at the last try; "
+        with pytest.raises(ClientError, match=refused + r"retried after .* UTC, in \d"):
+            await client.fetch(BSN, "hung", "any-document", io.BytesIO())
+        assert loop.time() - started < 0.3
+
+        started = loop.time()
+        _, results = await collect(client, BSN)
+        assert loop.time() - started < 0.5, "the search waited for the frozen facility"
+        _others_ok(results, "hung")
+        assert results["hung"].status == "timeout" and results["hung"].elapsed_ms < 100
+        assert "not asked" in results["hung"].message
+    finally:
+        await hung.stop(0)
+
+
+async def test_a_facility_restarted_on_its_address_is_asked_again_within_seconds(
+    network: NetworkFactory, tmp_path: Path
+) -> None:
+    """Real constants: the window has grown to seconds, the background check finds it back."""
     net, _ = await _patient_at_both(network, tmp_path)
     stopped = net.nodes[1]
     address = stopped.address
@@ -338,27 +452,38 @@ async def test_a_facility_that_comes_back_answers_again_within_the_window(
 
     _, down = await collect(client, BSN)
     assert down["node-2"].status == "unreachable" and "not asked" not in down["node-2"].message
-    _, again = await collect(client, BSN)
-    assert again["node-2"].status == "unreachable" and "not asked" in again["node-2"].message
-    # Down for a while and searched meanwhile: probes fail, the window reaches its cap,
-    # and grpc's own reconnect back-off (had the channel been kept) grows past it.
-    until = loop.time() + 4.0
-    while loop.time() < until:
-        _, results = await collect(client, BSN)
-        assert results["node-2"].status == "unreachable"
-        assert results["node-1"].status == "ok"
-        await asyncio.sleep(0.1)
+    # Searched meanwhile: the probes at each window's end fail, the window doubles.
+    window_ends = await _window_after(client, tries=3, within_s=10.0)
 
     restarted = NodeServer(dataclasses.replace(stopped.config, listen=address))
     await restarted.start()
     net.nodes[1] = restarted
     back = loop.time()
+    assert window_ends - back > 2.0, "the window must outlast what this test allows"
 
     async def answers() -> bool:
         _, results = await collect(client, BSN)
         return results["node-2"].status == "ok"
 
     await wait_for(answers, within_s=10)
-    assert loop.time() - back < 1.0 + 0.8, "a recovered facility looked dead past the cap"
+    assert loop.time() - back < 2.0, "a restarted facility looked dead for its whole window"
     _, results = await collect(client, BSN)
     assert results["node-2"].status == "ok" and results["node-2"].message == ""
+
+
+async def _window_after(client: GatewayClient, tries: int, within_s: float) -> float:
+    """Search until node-2 has failed ``tries`` times in a row; when its window ends."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + within_s
+    while loop.time() < until:
+        _, results = await collect(client, BSN)
+        assert results["node-1"].status == "ok"
+        node_2 = results["node-2"]
+        assert node_2.status == "unreachable", node_2
+        waits = re.search(
+            r"at the last (\d+) tries; retried after .*, in (\d+\.\d) s", node_2.message
+        )
+        if waits and int(waits.group(1)) == tries:
+            return loop.time() + float(waits.group(2))
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"node-2 did not fail {tries} times in a row in {within_s} s")
