@@ -356,27 +356,6 @@ class Gateway:
         Each facility's task writes its own record, so answers arriving
         together are logged together (the audit log commits them as one).
         """
-        asked = await self._ask(
-            action, call, facility, pseudonym, requester, correlation_id, deadline_s
-        )
-        _, status, _, _, parts = asked
-        outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(status, "error")
-        await self._record(
-            f"{action}-answer", outcome, requester, pseudonym, correlation_id,
-            f"{facility.node_id}: {status}", node=facility.node_id, documents=audited(parts),
-        )  # fmt: skip
-        return asked
-
-    async def _ask(
-        self,
-        action: str,
-        call: PeerCall[Part],
-        facility: Facility,
-        pseudonym: bytes,
-        requester: Requester,
-        correlation_id: str,
-        deadline_s: float,
-    ) -> tuple[Facility, Status, int, str, list[Part]]:
         started = self._clock.monotonic()
         try:
             # The peer link enforces the deadline on the wire; this is the
@@ -390,6 +369,11 @@ class Gateway:
         elapsed_ms = int((self._clock.monotonic() - started) * 1000)
         if status is not Status.OK:
             log.info("%s %s: %s answered %s", action, correlation_id, facility.node_id, status)
+        outcome = {Status.OK: "granted", Status.CONSENT_DENIED: "denied"}.get(status, "error")
+        await self._record(
+            f"{action}-answer", outcome, requester, pseudonym, correlation_id,
+            f"{facility.node_id}: {status}", node=facility.node_id, documents=audited(parts),
+        )  # fmt: skip
         return facility, status, elapsed_ms, message, parts
 
 
