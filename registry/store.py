@@ -154,6 +154,7 @@ class RegistryStore:
             clock or SystemClock(),
             owner="registry",
             busy_timeout_ms=const.SQLITE_BUSY_TIMEOUT_MS,
+            cache_mib=const.SQLITE_CACHE_MIB,
         )
         return cls(db)
 

@@ -274,3 +274,12 @@ async def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path: Path)
         assert await store.revocations() == []
     finally:
         await store.close()
+
+
+async def test_the_registry_keeps_a_larger_page_cache(store: RegistryStore) -> None:
+    """A 10M-entry index stays fast only if more than SQLite's default 2 MiB is cached."""
+    from registry import const
+
+    rows = await store._db.fetch("PRAGMA cache_size")
+    assert rows[0][0] == -1024 * const.SQLITE_CACHE_MIB
+    assert const.SQLITE_CACHE_MIB > 2

@@ -73,12 +73,15 @@ class Database:
         *,
         owner: str,
         busy_timeout_ms: int,
+        cache_mib: int | None = None,
     ) -> Database:
         """Open (creating if needed) and migrate the database at ``path``.
 
         ``owner`` names whose database it is ("node", "registry") in errors
-        and logs. ConfigError when the file cannot be opened or used, or its
-        schema is newer than ``migrations``.
+        and logs. ``cache_mib`` sets SQLite's page cache (default: 2 MiB),
+        so a large index keeps more of its B-tree in memory. ConfigError
+        when the file cannot be opened or used, or its schema is newer than
+        ``migrations``.
         """
         try:
             # Open once in plain sqlite3 first: aiosqlite's own failed connect
@@ -93,7 +96,7 @@ class Database:
             ) from exc
         database = cls(connection, clock, path, owner)
         try:
-            await database._configure(busy_timeout_ms)
+            await database._configure(busy_timeout_ms, cache_mib)
             await database._migrate(migrations)
         except sqlite3.Error as exc:
             await connection.close()
@@ -169,9 +172,11 @@ class Database:
         else:
             log.debug("transaction %s rolled back", name)
 
-    async def _configure(self, busy_timeout_ms: int) -> None:
+    async def _configure(self, busy_timeout_ms: int, cache_mib: int | None) -> None:
         db = self._connection
         await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if cache_mib is not None:
+            await db.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")  # KiB when < 0
         rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
         mode = str(rows[0][0]).lower() if rows else ""
         if mode not in ("wal", "memory"):
