@@ -18,6 +18,22 @@ from tests.conftest import assert_registry_holds_no_identity, shared_data
 ADMIN = [sys.executable, "-m", "tools.admin"]
 CLIENT = [sys.executable, "-m", "tools.clinician"]
 REPO = Path(__file__).resolve().parents[1]
+#: Starts a registry as devnet does, behind a prefix, says its pid, and waits to be killed.
+SUPERVISOR = """
+import sys, time
+from pathlib import Path
+from tools.supervise import start_server
+folder = Path(sys.argv[1])
+server = start_server(
+    "registry", "registry.cli",
+    ["--db", str(folder / "registry.db"), "--listen", "127.0.0.1:0",
+     "--join-listen", "127.0.0.1:0", "--insecure-dev"],
+    folder, prefix=["env", "TRANSMURAL_PREFIXED=yes"],
+)
+server.wait_ready()
+print(server.process.pid, flush=True)
+time.sleep(60)
+"""
 
 
 def start_devnet(workdir: Path, nodes: int = 3) -> subprocess.Popen[str]:
@@ -155,6 +171,7 @@ def test_devnet_exits_when_a_server_dies(tmp_path: Path) -> None:
     assert devnet.returncode == 1, out + err
     assert "registry exited with code -9 (SIGKILL); its log: " in err
     assert str(workdir / "registry" / "server.log") in err
+    assert "stopping the network: node-1 (" in err, err
     # The node was stopped gracefully: a clean stop removes its ready file.
     assert not (workdir / "node-1" / "ready.json").exists()
 
@@ -194,3 +211,41 @@ def test_a_node_that_dies_leaves_the_rest_running(tmp_path: Path) -> None:
         _, err = devnet.communicate(timeout=30)
     assert devnet.returncode == 0
     assert "node-2 exited" in err and "keeps running" in err
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an orphan may wait to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_killed_supervisor_leaves_no_server_behind(tmp_path: Path) -> None:
+    """SIGKILL devnet (or bench, or pytest): its servers get SIGTERM from the kernel.
+
+    Also: ``start_server``'s prefix runs first and execs the server (the WAN
+    test's ``ip netns exec``): the process it watches is the server itself.
+    """
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert supervisor.stdout is not None
+        line = supervisor.stdout.readline()
+        environment = Path(f"/proc/{line.strip()}/environ").read_bytes() if line else b""
+    finally:
+        supervisor.kill()
+        _, err = supervisor.communicate(timeout=30)
+    assert line.strip().isdigit(), err
+    pid = int(line)
+    assert json.loads((tmp_path / "ready.json").read_text())["pid"] == pid
+    assert b"TRANSMURAL_PREFIXED=yes" in environment.split(b"\0")
+    deadline = time.monotonic() + 15
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the server outlived the process that started it")

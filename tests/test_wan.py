@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,12 +29,10 @@ from typing import Any
 import pytest
 
 from node.config import NodeConfig
-from node.store import NodeStore
 from registry import operator
 from tests import wan
 from tools import devnet
 from tools.bootstrap import NODE_CONFIG
-from transmural.identifiers import canonical
 
 NODES = 3
 HOSTS = ["registry", *(f"node-{i + 1}" for i in range(NODES))]
@@ -46,6 +45,24 @@ MIN_RTT_MS = 2 * wan.DELAY_MS * 0.97
 SEARCH_DEADLINE_MS = 10_000
 #: Patients searched: the most shared ones, and one held by a single other node.
 SHARED_PATIENTS = 4
+REPO = Path(__file__).resolve().parents[1]
+#: Builds and closes a WAN (is SIGTERM's handler back?), then waits in a second for SIGTERM.
+SIGTERMED = """
+import json, signal, sys, time
+from pathlib import Path
+from tests import wan
+try:
+    wan.build(["a"], Path(sys.argv[1]) / "first").close()
+except wan.WanUnavailable as reason:
+    print(json.dumps({"unavailable": str(reason)}))
+    sys.exit()
+restored = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+with wan.create(["a", "b"], Path(sys.argv[1]) / "second") as net:
+    sleeper = net.popen("a", ["sleep", "60"])
+    print(json.dumps({"restored": restored, "namespaces": net.namespaces, "pid": sleeper.pid}),
+          flush=True)
+    time.sleep(60)
+"""
 
 
 @pytest.fixture
@@ -86,6 +103,36 @@ def test_wan_links_delay_and_drop_packets(wan_network: wan.Wan, record_property:
     # 1 % of 2000 is 20 lost on average; fewer than 2 or more than 100 is well
     # outside chance (p < 1e-7) and means the loss is not what it should be.
     assert 2 <= sent - delivered <= 100, f"{sent - delivered} of {sent} datagrams lost"
+
+
+def test_sigterm_while_the_wan_is_up_deletes_it(tmp_path: Path) -> None:
+    """SIGTERM unwinds like Ctrl-C: processes stopped, namespaces deleted, handler put back.
+
+    Its default action would kill the test run outright and leave both behind.
+    """
+    script = subprocess.Popen(
+        [sys.executable, "-c", SIGTERMED, str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert script.stdout is not None
+        line = script.stdout.readline()
+        if not line:
+            pytest.fail(f"the WAN script ended early:\n{script.communicate(timeout=30)[1]}")
+        up = json.loads(line)
+        if "unavailable" in up:
+            pytest.skip(f"network namespaces cannot be made here: {up['unavailable']}")
+        script.send_signal(signal.SIGTERM)
+        _, err = script.communicate(timeout=60)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.communicate()
+    assert "KeyboardInterrupt" in err, err
+    assert up["restored"], "close did not put SIGTERM's handler back"
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert not set(up["namespaces"]) & {row.split()[0] for row in left.stdout.splitlines()}
+    assert not Path(f"/proc/{up['pid']}").exists(), "the process started in the WAN survived"
 
 
 def test_search_across_wan_finds_every_holders_documents(
@@ -236,20 +283,10 @@ def _identifier(net: devnet.DevNet, fhir_id: str) -> str:
 
 async def _documents_held(net: devnet.DevNet, picks: list[str]) -> dict[str, dict[str, list[str]]]:
     """Per patient, per node holding them, the ids of the documents that node ingested."""
-    held: dict[str, dict[str, list[str]]] = {fhir_id: {} for fhir_id in picks}
-    for index, config in enumerate(net.configs):
-        store = await NodeStore.open(config.database)
-        try:
-            for fhir_id in picks:
-                system, _, value = _identifier(net, fhir_id).partition("|")
-                patient = await store.patient_by_identifier(canonical(system, value))
-                in_plan = index in net.plan.patients[fhir_id].nodes
-                assert (patient is not None) == in_plan, (fhir_id, config.node_id)
-                if patient is not None:
-                    documents = await store.documents_of(patient.patient_key)
-                    held[fhir_id][config.node_id] = sorted(d.document_id for d in documents)
-        finally:
-            await store.close()
+    held = await devnet.documents_held(net, picks)
+    for fhir_id, nodes in held.items():
+        in_plan = {net.configs[index].node_id for index in net.plan.patients[fhir_id].nodes}
+        assert set(nodes) == in_plan, (fhir_id, sorted(nodes), sorted(in_plan))
     assert all(any(ids for ids in nodes.values()) for nodes in held.values()), held
     return held
 

@@ -45,6 +45,12 @@ one of two ways, chosen when the network is built (``Wan.kind``):
 all (not root, no ``ip``, ``ip netns add`` refused): the test skips on that
 alone. ``close`` (also run when ``create`` fails half-way) stops the relay
 and every process started with ``popen`` and deletes every namespace made.
+While the network is up, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C
+does, so a terminated test run still gets to ``close`` (the default action
+would kill it on the spot, leaving the namespaces and servers behind);
+``close`` puts the previous handler back. Every process started here also
+gets SIGTERM from the kernel should the test process die without cleaning
+up (SIGKILL): only its namespaces would be left then.
 
 Run as a script, this file is also the relay and the probes that run inside
 the namespaces (``relay``, ``rtt``, ``udp-send``, ``udp-receive``); they use
@@ -69,6 +75,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -136,6 +143,8 @@ class Wan:
     relay_seed: int = 0
     namespaces: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    #: SIGTERM's handler before ``build`` made it an interrupt (None: not taken).
+    sigterm_before: Any = None
 
     def address(self, host: str) -> str:
         return self.hosts[host].address
@@ -150,9 +159,13 @@ class Wan:
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``host``'s namespace; ``close`` kills it if still running.
 
-        ``ip netns exec`` replaces itself with ``argv``: the process is ``argv``'s own.
+        ``ip netns exec`` replaces itself with ``argv``: the process is ``argv``'s own,
+        and dies with the test process (``tools.supervise.die_with_parent``).
         """
+        from tools.supervise import die_with_parent  # not at the top: this is a script too
+
         kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("preexec_fn", die_with_parent())
         process: subprocess.Popen[Any] = subprocess.Popen(
             [*self.exec_prefix(host), *argv], **kwargs
         )
@@ -162,22 +175,12 @@ class Wan:
     def start_server(
         self, host: str, name: str, module: str, args: list[str], folder: Path
     ) -> ServerProcess:
-        """``python -m module serve ARGS`` in ``host``'s namespace, as devnet starts one.
+        """``python -m module serve ARGS`` in ``host``'s namespace, as devnet starts one."""
+        from tools.supervise import start_server
 
-        The same command, ready file and logs as ``tools.supervise.start_server``
-        (which builds its command itself), prefixed with ``ip netns exec``.
-        """
-        from tools.supervise import ServerProcess
-
-        folder.mkdir(parents=True, exist_ok=True)
-        ready = folder / "ready.json"
-        ready.unlink(missing_ok=True)
-        log = folder / "server.log"
-        command = [sys.executable, "-m", module, "serve", *args,
-                   "--ready-file", str(ready), "--log-file", str(log)]  # fmt: skip
-        with (folder / "stderr.log").open("ab") as stderr:
-            process = self.popen(host, command, stdout=subprocess.DEVNULL, stderr=stderr)
-        return ServerProcess(name, process, ready, log)
+        server = start_server(name, module, args, folder, prefix=self.exec_prefix(host))
+        self.processes.append(server.process)
+        return server
 
     def run(
         self, host: str, argv: Sequence[str], timeout: float = 30.0
@@ -266,14 +269,20 @@ class Wan:
     # --- teardown ---
 
     def close(self) -> None:
-        """Stop every process started here, the relay, and delete the namespaces."""
-        for process in [*self.processes, *([self.relay] if self.relay else [])]:
-            _stop(process)
-        self.processes.clear()
-        self.relay = None
-        for namespace in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
-        self.namespaces.clear()
+        """Stop every process started here, the relay, and delete the namespaces.
+
+        A SIGTERM meanwhile waits until all is gone (a second one must not cut
+        the cleanup short), then goes to the handler from before ``build``.
+        """
+        then, self.sigterm_before = self.sigterm_before, None
+        with _sigterm_held(then):
+            for process in [*self.processes, *([self.relay] if self.relay else [])]:
+                _stop(process)
+            self.processes.clear()
+            self.relay = None
+            for namespace in reversed(self.namespaces):
+                subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+            self.namespaces.clear()
 
 
 @contextmanager
@@ -304,6 +313,7 @@ def build(hosts: Sequence[str], workdir: Path, mode: str | None = None) -> Wan:
     )
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        wan.sigterm_before = _interrupt_on_sigterm()
         for host in wan.hosts.values():
             _add_namespace(wan, host.namespace)
             _ip(["ip", "-n", host.namespace, "link", "set", "lo", "up"])
@@ -323,6 +333,45 @@ def build(hosts: Sequence[str], workdir: Path, mode: str | None = None) -> Wan:
     except BaseException:
         wan.close()
         raise
+
+
+def _in_main_thread() -> bool:
+    """Only the main thread may set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> Any:
+    """SIGTERM raises KeyboardInterrupt from now on; the handler it had (None: unchanged).
+
+    KeyboardInterrupt, not an exception of our own: pytest treats it as Ctrl-C
+    (stop the run, tear every fixture down), where any other exception would
+    fail this one test and go on with the next.
+    """
+    if not _in_main_thread():
+        return None
+    before = signal.signal(signal.SIGTERM, _interrupt)
+    return signal.SIG_DFL if before is None else before  # None: a handler set outside Python
+
+
+@contextmanager
+def _sigterm_held(then: Any) -> Iterator[None]:
+    """SIGTERM only noted in the block; then ``then`` (None: the handler before) gets it."""
+    if not _in_main_thread():
+        yield
+        return
+    received: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        restored = then if then is not None else before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if restored is None else restored)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _script(*args: object) -> list[str]:

@@ -182,7 +182,7 @@ def _bring_up_and_run(net: devnet.DevNet, demo: bool) -> int:
 
 
 def _watch_network(net: devnet.DevNet) -> int:
-    """Run until Ctrl-C (0) or the registry stops (1).
+    """Run until Ctrl-C (0) or the registry stops (1: every node is stopped too, and said so).
 
     A node that stops is reported and the rest keep running, as in a real
     network: its peers answer for themselves and show it as unreachable.
@@ -191,6 +191,9 @@ def _watch_network(net: devnet.DevNet) -> int:
     while (dead := watch(watched)) is not None:
         print(f"{dead.exit_description()}\n{dead.log_tail()}", file=sys.stderr)
         if dead is net.registry:
+            rest = ", ".join(s.name for s in watched if s is not dead) or "no other server"
+            print(f"stopping the network: {rest} (no network runs without its registry); "
+                  f"databases and logs stay in {net.workdir}", file=sys.stderr)  # fmt: skip
             return 1
         print(f"the rest of the network keeps running; {dead.name} answers as unreachable",
               file=sys.stderr)  # fmt: skip

@@ -111,7 +111,13 @@ def prepare(
     say: Callable[[str], None],
     insecure: bool = False,
 ) -> DevNet:
-    """The network's keys, and the data spread over ``nodes`` facilities."""
+    """The network's keys, and the data spread over ``nodes`` facilities.
+
+    A ``data`` folder that is not there is refused before anything is made:
+    no network keys for a run that cannot start.
+    """
+    if data is not None and not data.is_dir():
+        raise ProcessError(f"--data {data}: not a folder")
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)  # a folder the user made may be 0755; patient data goes in
     if insecure:
@@ -123,8 +129,6 @@ def prepare(
         data = workdir / "source"
         files = generate(data)
         say(f"generated {len(files)} synthetic patient bundles in {data}")
-    elif not data.is_dir():
-        raise ProcessError(f"--data {data}: not a folder")
     node_dirs = [workdir / f"node-{i + 1}" for i in range(nodes)]
     plan = spread(data, [d / "bundles" for d in node_dirs])
     system = national_system(plan)
@@ -301,6 +305,33 @@ async def set_consent(net: DevNet, keep_consent: set[str], deny_once: set[str]) 
     finally:
         for store in stores:
             await store.close()
+
+
+async def documents_held(net: DevNet, fhir_ids: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Per patient, per node that has them, the sorted ids of the documents it ingested.
+
+    Read from each node's database (once per node), so a search can be
+    checked against what the node really holds, not only against the plan.
+    A node without the patient is absent; one with the patient but no
+    document has an empty list. Patients without a national identifier
+    (not searchable) have no entry at any node.
+    """
+    held: dict[str, dict[str, list[str]]] = {fhir_id: {} for fhir_id in fhir_ids}
+    for config in net.configs:
+        store = await NodeStore.open(config.database)
+        try:
+            for fhir_id in fhir_ids:
+                value = _national_identifier(net.plan.patients[fhir_id].identifiers,
+                                             net.national_system)  # fmt: skip
+                if value is None:
+                    continue
+                patient = await store.patient_by_identifier(canonical(net.national_system, value))
+                if patient is not None:
+                    documents = await store.documents_of(patient.patient_key)
+                    held[fhir_id][config.node_id] = sorted(d.document_id for d in documents)
+        finally:
+            await store.close()
+    return held
 
 
 def _national_identifier(identifiers: list[tuple[str, str]], system: str) -> str | None:

@@ -3,17 +3,22 @@
 Each server is started on port 0 with a ready file; it writes its real
 address there once serving. A server that dies before that is reported
 with the end of its log; one that dies later is noticed by ``watch``.
+On Linux every server also dies with the process that started it
+(``PR_SET_PDEATHSIG``), so a supervisor killed outright (SIGKILL, OOM)
+leaves no orphan servers holding ports and databases.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +26,8 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 #: How often ``watch`` looks whether a server is still running.
 WATCH_INTERVAL_S = 1.0
+#: prctl(2) option: a signal the kernel sends the child when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 class ProcessError(Exception):
@@ -75,13 +82,22 @@ class ServerProcess:
             return "(no log)"
 
 
-def start_server(name: str, module: str, args: list[str], folder: Path) -> ServerProcess:
-    """Start ``python -m module serve ARGS`` logging into ``folder``."""
+def start_server(
+    name: str, module: str, args: list[str], folder: Path, prefix: Sequence[str] = ()
+) -> ServerProcess:
+    """Start ``python -m module serve ARGS`` logging into ``folder``.
+
+    ``prefix`` goes before the command (the WAN test's ``ip netns exec NS``,
+    which execs the command, so the process is still the server's own).
+    Call this from a thread that outlives the server: Linux sends the
+    parent-death signal when the *thread* that started the child ends.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     ready = folder / "ready.json"
     ready.unlink(missing_ok=True)
     log = folder / "server.log"
     command = [
+        *prefix,
         sys.executable,
         "-m",
         module,
@@ -94,9 +110,37 @@ def start_server(name: str, module: str, args: list[str], folder: Path) -> Serve
     ]
     with (folder / "stderr.log").open("ab") as stderr:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=die_with_parent(),
         )
     return ServerProcess(name, process, ready, log)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGTERM when we die; None off Linux.
+
+    Without it a SIGKILLed devnet, bench or pytest leaves its servers running
+    for ever. libc is looked up here, in the parent, so the child (forked from
+    a process that may run gRPC threads) only makes one C call before exec.
+    The pid check closes the race where we died before the prctl took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM.value, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def watch(

@@ -25,7 +25,12 @@ ECHO_STREAM_METHOD = "/bench.Echo/Stream"
 
 @dataclass
 class Figure:
-    """One measured figure and its baseline, each repeated; the ratio is the headline."""
+    """One measured figure and its baseline, each repeated; the ratio is the headline.
+
+    What it must reach is ``target``, a ratio to the baseline, or ``limit``,
+    a bound on the figure itself (median, in ``unit``) where a ratio says
+    nothing: "no failed search" is 0 failures, not 0x of anything.
+    """
 
     name: str
     unit: str
@@ -35,16 +40,42 @@ class Figure:
     values: list[float] = field(default_factory=list)
     baselines: list[float] = field(default_factory=list)
     notes: str = ""
+    limit: float | None = None  # the value itself to reach (or stay under); None: no bound
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.values)
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.values) / statistics.median(self.baselines)
+        return self.value / statistics.median(self.baselines)
+
+    @property
+    def checked(self) -> bool:
+        """Whether the figure has anything to meet (else it is only reported)."""
+        return self.target is not None or self.limit is not None
 
     @property
     def met(self) -> bool:
-        if self.target is None:
+        return self._within(self.ratio, self.target) and self._within(self.value, self.limit)
+
+    @property
+    def goal(self) -> str:
+        """What must be met, as the report prints it: ``>= 2x``, ``<= 0 searches``, ``-``."""
+        sign = ">=" if self.higher_is_better else "<="
+        if self.limit is not None:
+            return f"{sign} {self.limit:g} {self.unit}"
+        return "-" if self.target is None else f"{sign} {self.target:g}x"
+
+    @property
+    def achieved(self) -> str:
+        """What was measured against the goal: the value for a limit, else the ratio."""
+        return f"{self.value:g} {self.unit}" if self.limit is not None else f"{self.ratio:.2f}x"
+
+    def _within(self, got: float, bound: float | None) -> bool:
+        if bound is None:
             return True
-        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+        return got >= bound if self.higher_is_better else got <= bound
 
 
 def spread(values: list[float]) -> str:
@@ -54,8 +85,15 @@ def spread(values: list[float]) -> str:
 
 
 def p99(latencies: list[float]) -> float:
+    """The 99th percentile by nearest rank: the ceil(0.99 n)-th smallest sample.
+
+    At least 99 % of the samples are at or below it. With 100 samples that
+    is the 99th smallest, not the maximum (indexing at int(0.99 n) was).
+    Integer arithmetic, so 0.99 * n's rounding cannot push the rank up one.
+    """
     ordered = sorted(latencies)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    rank = (99 * len(ordered) + 99) // 100  # ceil(99 n / 100), 1-based
+    return ordered[rank - 1]
 
 
 async def closed_loop(
