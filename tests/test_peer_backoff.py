@@ -247,6 +247,31 @@ def _others_ok(results: dict[str, FacilityResult], dead: str) -> None:
     assert others == {"node-1": "ok", "node-2": "ok"}, others
 
 
+class _DeadFacility:
+    """A member listed as holding the patient whose port accepts and at once closes."""
+
+    def __init__(self) -> None:
+        self.dials = 0
+        self.listener: asyncio.Server | None = None
+
+    async def _drop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.dials += 1
+        writer.close()
+
+    async def close(self) -> None:
+        assert self.listener is not None
+        self.listener.close()
+        await self.listener.wait_closed()
+
+
+async def _dead_facility(net: RunningNetwork, pseudonym: bytes) -> _DeadFacility:
+    dead = _DeadFacility()
+    dead.listener = await asyncio.start_server(dead._drop, "127.0.0.1", 0)
+    port = dead.listener.sockets[0].getsockname()[1]
+    await publish_as(net, _member_tls(net, "dead"), "dead", pseudonym, f"127.0.0.1:{port}")
+    return dead
+
+
 def _watching() -> list[asyncio.Task[object]]:
     """The background health checks running in this process (``PeerChannels._watch``)."""
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("peer-watch-")]
@@ -259,16 +284,7 @@ async def test_a_dead_facility_is_dialled_once_per_window_not_once_per_search(
     monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 30.0)
     monkeypatch.setattr(peer_health, "CHECK_EVERY_S", 60.0)
     net, pseudonym = await _patient_at_both(network, tmp_path)
-    dials = 0
-
-    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal dials
-        dials += 1
-        writer.close()
-
-    listener = await asyncio.start_server(drop, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    await publish_as(net, _member_tls(net, "dead"), "dead", pseudonym, f"127.0.0.1:{port}")
+    dead = await _dead_facility(net, pseudonym)
     client = net.client(0)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -276,23 +292,22 @@ async def test_a_dead_facility_is_dialled_once_per_window_not_once_per_search(
         for i in range(20):
             _, results = await collect(client, BSN, deadline_ms=2000)
             _others_ok(results, "dead")
-            dead = results["dead"]
-            assert dead.status == "unreachable", dead
+            answer = results["dead"]
+            assert answer.status == "unreachable", answer
             if i > 0:
-                assert dead.elapsed_ms < 200, dead
-                assert "not asked" in dead.message and "retried after" in dead.message, dead
+                assert answer.elapsed_ms < 200, answer
+                assert "not asked" in answer.message and "retried after" in answer.message
             await asyncio.sleep(0.1)
         # Longer than grpc's own first reconnect back-off (~1 s): without ours, grpc
         # would have dialled again in the background by now.
         assert loop.time() - started > 2.0
-        assert dials == 1
+        assert dead.dials == 1
         # A node that stops while a peer backs off stops checking it.
         assert len(_watching()) == 1
         await net.nodes[0].stop(0)
         assert not _watching()
     finally:
-        listener.close()
-        await listener.wait_closed()
+        await dead.close()
 
 
 async def test_a_dead_facility_nobody_asks_for_is_checked_only_until_its_window_ends(
@@ -302,25 +317,15 @@ async def test_a_dead_facility_nobody_asks_for_is_checked_only_until_its_window_
     monkeypatch.setattr(peer_health, "CHECK_EVERY_S", 0.4)
     monkeypatch.setattr(peer_health, "BACKOFF_JITTER", 0.0)
     net, pseudonym = await _patient_at_both(network, tmp_path)
-    dials = 0
-
-    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal dials
-        dials += 1
-        writer.close()
-
-    listener = await asyncio.start_server(drop, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    await publish_as(net, _member_tls(net, "dead"), "dead", pseudonym, f"127.0.0.1:{port}")
+    dead = await _dead_facility(net, pseudonym)
     try:
         _, results = await collect(net.client(0), BSN)
         assert results["dead"].status == "unreachable"
         await asyncio.sleep(2.0)  # the 1 s window and twice as long again
         assert not _watching()
-        assert dials == 3, "one search, then a check at 0.4 s and at 0.8 s"
+        assert dead.dials == 3, "one search, then a check at 0.4 s and at 0.8 s"
     finally:
-        listener.close()
-        await listener.wait_closed()
+        await dead.close()
 
 
 async def test_a_facility_whose_front_answers_unavailable_is_asked_once_per_window(

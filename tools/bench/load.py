@@ -435,7 +435,7 @@ def figures(result: LoadResult) -> list[Figure]:
         values=[result.per_s], baselines=[result.alone_per_s], notes=once,
     )  # fmt: skip
     failed = Figure(
-        f"Load failed searches ({where})", "searches", "searches done", None,
+        f"Load failed searches ({where})", "searches", "searches done, alone and under load", None,
         higher_is_better=False, values=[float(result.errors)],
         baselines=[float(max(1, result.searches + result.alone_searches))],
         notes="; ".join([once, *result.examples]), limit=0.0,
