@@ -5,8 +5,8 @@ runs every statement in order on its own thread, so it is the single writer;
 each operation is one named transaction (``BEGIN IMMEDIATE`` for writes, so
 a write never upgrades a read lock half-way) or one named read, never
 interleaved with another on the shared connection. Every awaited call is a
-thread hop of a few hundred µs, so a batch is one ``executemany`` and a
-locate one query.
+thread hop of a few hundred µs, so a batch is one ``executemany``, and
+locates that arrive together share one hop (``SharedRead``).
 
 The schema holds pseudonyms (32-byte BLOBs, checked by the table), node ids
 and times: no column can hold an identifier, a patient name or a birth date.
@@ -15,6 +15,7 @@ Schema changes are numbered migrations recorded in ``schema_version``.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from registry.enrolment import CertificateRecord, InviteRecord, RevocationRecord
 from registry.index import NodeRecord
 from transmural.clock import Clock, SystemClock
 from transmural.database import Database
+from transmural.shared_read import SharedRead
 
 _V1 = """
 CREATE TABLE nodes (
@@ -134,6 +136,26 @@ _REDEEM = """
 """
 
 
+def _holders_of_each(
+    db: sqlite3.Connection, requests: Sequence[Sequence[bytes]]
+) -> list[dict[bytes, list[NodeRecord]]]:
+    """Holders per request, from one query per ``LOCATE_QUERY_CHUNK`` distinct pseudonyms."""
+    wanted = list(dict.fromkeys(p for request in requests for p in request))
+    found: dict[bytes, list[NodeRecord]] = {}
+    nodes: dict[str, NodeRecord] = {}
+    step = const.LOCATE_QUERY_CHUNK
+    for start in range(0, len(wanted), step):
+        chunk = wanted[start : start + step]
+        for pseudonym, *node_row in db.execute(_LOCATE.format(", ".join("?" * len(chunk))), chunk):
+            node = nodes.get(node_row[0])
+            if node is None:
+                node = nodes[node_row[0]] = NodeRecord(*node_row)
+            found.setdefault(pseudonym, []).append(node)
+    if len(requests) == 1:
+        return [found]
+    return [{p: found[p] for p in request if p in found} for request in requests]
+
+
 class RegistryStore:
     """The registry's SQLite database.
 
@@ -144,6 +166,7 @@ class RegistryStore:
     def __init__(self, db: Database) -> None:
         """Wrap an open database; use ``RegistryStore.open`` to get one ready."""
         self._db = db
+        self._locate = SharedRead(db, "locate", _holders_of_each)
 
     @classmethod
     async def open(cls, path: Path | str, clock: Clock | None = None) -> RegistryStore:
@@ -204,20 +227,8 @@ class RegistryStore:
                 await db.executemany(_DELETE_ENTRY, [(p, node_id) for p in withdrawn])
 
     async def holders(self, pseudonyms: Sequence[bytes]) -> dict[bytes, list[NodeRecord]]:
-        """Holders of each pseudonym that has any, in a query per ``LOCATE_QUERY_CHUNK``."""
-        found: dict[bytes, list[NodeRecord]] = {}
-        nodes: dict[str, NodeRecord] = {}
-        step = const.LOCATE_QUERY_CHUNK
-        async with self._db.read("locate") as db:
-            for start in range(0, len(pseudonyms), step):
-                chunk = pseudonyms[start : start + step]
-                sql = _LOCATE.format(", ".join("?" * len(chunk)))
-                for pseudonym, *node_row in await db.execute_fetchall(sql, chunk):
-                    node = nodes.get(node_row[0])
-                    if node is None:
-                        node = nodes[node_row[0]] = NodeRecord(*node_row)
-                    found.setdefault(pseudonym, []).append(node)
-        return found
+        """Holders of each pseudonym that has any; concurrent callers share one read."""
+        return await self._locate.ask(pseudonyms)
 
     # --- membership ---
 
