@@ -20,12 +20,11 @@ they were, date-times in UTC, so "newest first" is a string sort.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from node.fhir import JSONObject, concept_text, normalise_datetime
+from node.fhir import JSONObject, compact_json, concept_text, normalise_datetime
 
 SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -197,7 +196,7 @@ def _item(
         value=value,
         unit=unit,
         resource_id=f"{resource.get('resourceType')}/{resource.get('id')}",
-        resource_json=json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode(),
+        resource_json=compact_json(resource).encode(),
     )
 
 

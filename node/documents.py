@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,8 @@ from typing import Any
 from node.categories import categories_of
 from node.fhir import (
     JSONObject,
+    SerialisedResources,
+    compact_json,
     concept_text,
     display_of,
     first_coding,
@@ -72,8 +73,15 @@ class DocumentsFound:
     skipped: list[str]
 
 
-def build_documents(sources: Sequence[Source]) -> DocumentsFound:
-    """Every document the bundle offers; raises ValueError on a broken attachment."""
+def build_documents(
+    sources: Sequence[Source], serialised: SerialisedResources | None = None
+) -> DocumentsFound:
+    """Every document the bundle offers; raises ValueError on a broken attachment.
+
+    ``serialised`` gives each resource's JSON; pass the one the caller stores
+    resources with, so a summary does not serialise them a second time.
+    """
+    serialised = serialised or SerialisedResources()
     by_key = {source.key: source for source in sources}
     members = _encounter_members(sources)
     documents: list[DocumentDraft] = []
@@ -99,7 +107,7 @@ def build_documents(sources: Sequence[Source]) -> DocumentsFound:
             if source.full_url in noted_reports or source.key in noted_reports:
                 continue
             documents.extend(_report_documents(source, by_key))
-    documents.extend(_encounter_summaries(sources, members, noted_encounters))
+    documents.extend(_encounter_summaries(sources, members, noted_encounters, serialised))
     return DocumentsFound(documents, skipped)
 
 
@@ -206,6 +214,7 @@ def _encounter_summaries(
     sources: Sequence[Source],
     members: dict[str, list[JSONObject]],
     noted_encounters: set[str],
+    serialised: SerialisedResources,
 ) -> Iterable[DocumentDraft]:
     for source in sources:
         resource = source.resource
@@ -216,13 +225,10 @@ def _encounter_summaries(
         period = resource.get("period")
         start = period.get("start") if isinstance(period, dict) else None
         kind = concept_text(resource.get("type")) or _class_code(resource) or "encounter"
-        bundle = {
-            "resourceType": "Bundle",
-            "id": f"encounter-summary-{resource['id']}",
-            "type": "collection",
-            "entry": [{"resource": item} for item in [resource, *members.get(source.key, [])]],
-        }
-        content = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode()
+        content = _collection(
+            f"encounter-summary-{resource['id']}",
+            [serialised(item) for item in [resource, *members.get(source.key, [])]],
+        )
         yield _draft(
             document_id=f"{source.key}/summary",
             source=source,
@@ -234,6 +240,13 @@ def _encounter_summaries(
             author=_organisation(resource.get("serviceProvider")) or OrganisationRef(),
             categories=categories_of([resource, *members.get(source.key, [])]),
         )
+
+
+def _collection(bundle_id: str, resources: Sequence[str]) -> bytes:
+    """A ``collection`` Bundle of already serialised resources, as ``compact_json`` writes it."""
+    entries = ",".join(f'{{"resource":{text}}}' for text in resources)
+    head = f'{{"resourceType":"Bundle","id":{compact_json(bundle_id)},"type":"collection"'
+    return f'{head},"entry":[{entries}]}}'.encode()
 
 
 def _encounters_of(resource: JSONObject) -> set[str]:

@@ -35,6 +35,7 @@ from typing import Any
 from node.documents import Source, build_documents
 from node.fhir import (
     JSONObject,
+    SerialisedResources,
     conditional_identifier,
     human_name,
     is_date,
@@ -191,8 +192,9 @@ def prepare_bundle(
     sources = [
         Source(s.label, s.full_url, s.resource, _owner(s.resource, patient_ids)) for s in sources
     ]
+    serialised = SerialisedResources()
     try:
-        found = build_documents(sources)
+        found = build_documents(sources, serialised)
     except ValueError as error:
         raise InvalidBundle(f"{name}: {error}") from None
     resources = [
@@ -200,7 +202,7 @@ def prepare_bundle(
             resource_type=s.resource["resourceType"],
             fhir_id=s.resource["id"],
             patient_fhir_id=s.patient_fhir_id,
-            json=json.dumps(s.resource, ensure_ascii=False, separators=(",", ":")),
+            json=serialised(s.resource),
             label=label_of(s.resource) if s.resource["resourceType"] in SHARED_TYPES else None,
             identifiers=_identifier_pairs(s.resource),
             if_none_exist=condition,

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from node.fhir import compact_json
 from node.ingest import bundle_files, ingest_file, ingest_folder
 from node.records import IngestReport
 from node.store import NodeStore
@@ -173,6 +174,8 @@ async def test_smart_encounters_become_summary_documents(smart: Ingested) -> Non
         assert len(content) == summary.size
         collection = json.loads(content)
         assert collection["type"] == "collection"
+        # Built from each resource's stored JSON, it reads as json.dumps would write it.
+        assert content == compact_json(collection).encode()
         encounter = collection["entry"][0]["resource"]
         assert encounter["resourceType"] == "Encounter"
         assert summary.document_id == f"Encounter/{encounter['id']}/summary"
