@@ -2,8 +2,9 @@
 
 A file goes through two steps:
 
-1. ``prepare_bundle`` (in a worker thread: parsing 4 MB of JSON must not
-   stall the event loop) reads and validates the *whole* bundle, rewrites
+1. ``prepare_bundle`` (in a worker thread or, for many files, worker
+   processes: ``node.preparer``; parsing 4 MB of JSON must not stall the
+   event loop) reads and validates the *whole* bundle, rewrites
    ``urn:uuid:`` references to ``Type/id`` as a FHIR server would, finds
    each patient's national identifier and pseudonym, and builds the
    documents. Any problem raises ``InvalidBundle`` naming the file and the
@@ -24,11 +25,13 @@ files after the patient, so file names are logged at DEBUG too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from node.fhir import (
     reference_of,
     rewrite_references,
 )
+from node.preparer import BundlePreparer
 from node.records import BundleDraft, IngestReport, PatientDraft, ResourceDraft
 from node.store import NodeStore
 from transmural.errors import InvalidBundle, InvalidIdentifier, InvalidInput
@@ -101,33 +105,19 @@ async def ingest_folder(
     Returns the reports of the files ingested and the errors of those
     refused, each in load order: a refused file does not stop the others,
     and a CLI prints each error (it names the file) and exits non-zero.
-    The next file is parsed while the current one is written.
     """
-    system = _national(national_system)
     files = bundle_files(Path(folder))
     reports: list[IngestReport] = []
     errors: list[InvalidBundle] = []
     started = time.perf_counter()
-    pending = _prepare_soon(files[0], system, pseudonymiser) if files else None
-    try:
-        for index in range(len(files)):
-            assert pending is not None
-            current = pending
-            pending = (
-                _prepare_soon(files[index + 1], system, pseudonymiser)
-                if index + 1 < len(files)
-                else None
-            )
-            file_started = time.perf_counter()
-            try:
-                draft = await current
-                reports.append(await _write(store, draft, file_started))
-            except InvalidBundle as error:
-                log.debug("refused %s", error)
-                errors.append(error)
-    finally:
-        if pending is not None:
-            pending.cancel()
+    async with contextlib.aclosing(
+        ingest_each(store, files, pseudonymiser, national_system)
+    ) as results:
+        async for _, result in results:
+            if isinstance(result, InvalidBundle):
+                errors.append(result)
+            else:
+                reports.append(result)
     log.info(
         "ingested %d of %d bundles in %.1f s: %d patients, %d resources, %d documents",
         len(reports),
@@ -138,6 +128,45 @@ async def ingest_folder(
         sum(r.documents for r in reports),
     )
     return reports, errors
+
+
+async def ingest_each(
+    store: NodeStore,
+    files: Sequence[Path],
+    pseudonymiser: Pseudonymiser | None,
+    national_system: str,
+    workers: int | None = None,
+) -> AsyncGenerator[tuple[Path, IngestReport | InvalidBundle]]:
+    """Ingest ``files`` in order, yielding each with its report or why it was refused.
+
+    The next files are prepared (``BundlePreparer``: on other cores when
+    there are many) while the current one is written; each is written in
+    its own transaction, so stopping half-way leaves whole bundles only.
+    Close the generator (``contextlib.aclosing``) if you stop early.
+    ``workers`` overrides how many worker processes prepare (0: a thread).
+    """
+    system = _national(national_system)
+    async with BundlePreparer(len(files), workers) as preparer:
+        pending: deque[tuple[Path, asyncio.Future[BundleDraft]]] = deque()
+        upcoming = iter(files)
+        try:
+            while True:
+                while len(pending) < preparer.ahead and (path := next(upcoming, None)) is not None:
+                    pending.append((path, preparer.prepare(path, system, pseudonymiser)))
+                if not pending:
+                    return
+                path, preparing = pending.popleft()
+                started = time.perf_counter()
+                try:
+                    draft = await preparing
+                except InvalidBundle as error:
+                    log.debug("refused %s", error)
+                    yield path, error
+                    continue
+                yield path, await _write(store, draft, started)
+        finally:
+            for _, preparing in pending:
+                preparing.cancel()
 
 
 def bundle_files(folder: Path) -> list[Path]:
@@ -423,12 +452,6 @@ def _sniff_type(path: Path) -> str:
         return ""
     match = _SNIFF_TYPE.search(head.split('"entry"', 1)[0])
     return match.group(1) if match else ""
-
-
-def _prepare_soon(
-    path: Path, system: str, pseudonymiser: Pseudonymiser | None
-) -> asyncio.Task[BundleDraft]:
-    return asyncio.ensure_future(asyncio.to_thread(prepare_bundle, path, system, pseudonymiser))
 
 
 async def _write(store: NodeStore, draft: BundleDraft, started: float) -> IngestReport:

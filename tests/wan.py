@@ -160,9 +160,9 @@ class Wan:
         """Start ``argv`` in ``host``'s namespace; ``close`` kills it if still running.
 
         ``ip netns exec`` replaces itself with ``argv``: the process is ``argv``'s own,
-        and dies with the test process (``tools.supervise.die_with_parent``).
+        and dies with the test process (``transmural.process.die_with_parent``).
         """
-        from tools.supervise import die_with_parent  # not at the top: this is a script too
+        from transmural.process import die_with_parent  # not at the top: this is a script too
 
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("preexec_fn", die_with_parent())

@@ -11,23 +11,21 @@ leaves no orphan servers holding ports and databases.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from transmural.process import die_with_parent
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 #: How often ``watch`` looks whether a server is still running.
 WATCH_INTERVAL_S = 1.0
-#: prctl(2) option: a signal the kernel sends the child when its parent dies.
-_PR_SET_PDEATHSIG = 1
 
 
 class ProcessError(Exception):
@@ -117,30 +115,6 @@ def start_server(
             preexec_fn=die_with_parent(),
         )
     return ServerProcess(name, process, ready, log)
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` making the child get SIGTERM when we die; None off Linux.
-
-    Without it a SIGKILLed devnet, bench or pytest leaves its servers running
-    for ever. libc is looked up here, in the parent, so the child (forked from
-    a process that may run gRPC threads) only makes one C call before exec.
-    The pid check closes the race where we died before the prctl took effect.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM.value, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 def watch(
