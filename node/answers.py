@@ -85,3 +85,5 @@ class Located:
 
     holders: list[Facility]
     correlation_id: str
+    #: Why the list may be incomplete (registry unreachable); "" when it is not.
+    incomplete: str = ""

@@ -10,9 +10,10 @@ run the same fan-out (``Gateway._fan_out``), only the peer call differs.
 
 The registry down: the gateway remembers each patient's holders from the
 last successful locate (``RecentLocations``, up to LOCATION_CACHE_S) and
-asks those instead. Every facility's answer then carries ``REGISTRY_DOWN``
-in its message, so a clinician never reads it as the whole picture; with
-nothing remembered the search fails (``Unavailable``), never "no records".
+asks those instead. ``Located.incomplete`` and every facility's message
+then carry ``REGISTRY_DOWN``, so neither a clinician nor a program reads it
+as the whole picture; with nothing remembered the search fails
+(``Unavailable``), never "no records".
 
 The gateway talks to the registry and to peers through two small ports
 (``HolderIndex``, ``PeerLink``) so that it never touches gRPC itself.
@@ -321,7 +322,7 @@ class Gateway:
             f"asked {len(holders)} {'facility' if len(holders) == 1 else 'facilities'}: "
             f"{', '.join(f.node_id for f in holders)}{f' ({note})' if note else ''}",
         )  # fmt: skip
-        yield Located(holders, correlation_id)
+        yield Located(holders, correlation_id, note)
         tasks = [
             asyncio.create_task(
                 self._ask_and_record(

@@ -192,6 +192,7 @@ def _located(event: Located) -> gateway_pb2.Located:
     return gateway_pb2.Located(
         holders=[facility_to_proto(f) for f in event.holders],
         correlation_id=event.correlation_id,
+        incomplete=event.incomplete,
     )
 
 

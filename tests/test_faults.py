@@ -317,13 +317,15 @@ async def test_registry_down_search_answers_from_known_holders_marked_incomplete
     plan = await net.load(synthetic_bundles)
     await net.consent_all(True)
     known, unseen = (bsn_of(plan, f) for f in at_least(plan, 2)[:2])
-    _, before = await collect(net.client(0), known)
+    found, before = await collect(net.client(0), known)
     assert all(r.status == "ok" and REGISTRY_DOWN not in r.message for r in before.values())
+    assert found.incomplete == ""
 
     address = await _stop_registry(net)
 
     holders, during = await collect(net.client(0), known)
     assert set(holders.node_ids) == set(before)
+    assert holders.incomplete.startswith(REGISTRY_DOWN)  # said once, for programs too
     for node_id, result in during.items():
         assert result.status == "ok", result
         assert REGISTRY_DOWN in result.message

@@ -8,8 +8,8 @@ import io
 import pytest
 
 from tests.conftest import NetworkFactory, collect, node_tls, publish_as, start_silent_peer
-from tools.gateway_client import ClientError, FacilityResult
-from tools.render import facility_line
+from tools.gateway_client import ClientError, FacilityResult, Holders
+from tools.render import facility_line, holders_line, search_json
 from tools.spread import SpreadPlan
 from transmural.identifiers import BSN_SYSTEM, canonical
 
@@ -193,6 +193,15 @@ async def test_peer_that_never_answers_times_out(
     assert 250 <= results["hung"].elapsed_ms < 2000
     answered = [r for n, r in results.items() if n != "hung"]
     assert answered and all(r.status == "ok" for r in answered)
+
+
+def test_a_holder_list_that_may_be_incomplete_says_so_to_people_and_programs() -> None:
+    remembered = Holders(["node-2"], ["Ziekenhuis"], "c0ffee", "registry unreachable: ...")
+    assert holders_line(remembered).startswith("Warning: registry unreachable")
+    assert search_json("123", remembered, [])["incomplete"] == "registry unreachable: ..."
+    complete = Holders(["node-2"], ["Ziekenhuis"], "c0ffee")
+    assert not holders_line(complete).startswith("Warning")
+    assert search_json("123", complete, [])["incomplete"] == ""
 
 
 def test_an_ok_answer_with_a_warning_shows_it() -> None:

@@ -118,6 +118,8 @@ class Holders:
     node_ids: list[str]
     organisations: list[str]
     correlation_id: str
+    #: Why the list may be incomplete (registry unreachable); "" when it is not.
+    incomplete: str = ""
 
 
 def split_token(text: str) -> common_pb2.PatientIdentifier:
@@ -317,6 +319,7 @@ def _holders(located: gateway_pb2.Located) -> Holders:
         [h.node_id for h in located.holders],
         [h.organisation_name for h in located.holders],
         located.correlation_id,
+        located.incomplete,
     )
 
 

@@ -199,11 +199,14 @@ class DocumentFilter:
 
 
 def holders_line(holders: Holders) -> str:
-    if not holders.node_ids:
-        return "No facility in the network knows this patient."
-    count = len(holders.node_ids)
-    verb = "holds" if count == 1 else "hold"
-    return f"{_count(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
+    """Who will be asked, after a warning when that list may not be all."""
+    if holders.node_ids:
+        count = len(holders.node_ids)
+        verb = "holds" if count == 1 else "hold"
+        line = f"{_count(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
+    else:
+        line = "No facility in the network knows this patient."
+    return f"Warning: {holders.incomplete}.\n{line}" if holders.incomplete else line
 
 
 def documents_table(results: list[FacilityResult], limit: int | None = None) -> list[str]:
@@ -229,6 +232,7 @@ def search_json(identifier: str, holders: Holders | None, results: list[Facility
     return {
         "patient": identifier,
         "correlation_id": holders.correlation_id if holders else "",
+        "incomplete": holders.incomplete if holders else "",
         "facilities": [dataclasses.asdict(r) for r in results],
     }
 
