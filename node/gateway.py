@@ -8,6 +8,11 @@ own deadline turns it into ``timeout`` or ``unreachable``.
 A search asks for documents, the live report for structured entries; both
 run the same fan-out (``Gateway._fan_out``), only the peer call differs.
 
+A registry that hangs costs one search its deadline, not every search: after
+a timeout the registry backs off (``PeerHealth``, as a failing peer does)
+and searches go straight to the remembered holders until a probe gets an
+answer again. A registry that refuses connections fails fast anyway.
+
 The registry down: the gateway remembers each patient's holders from the
 last successful locate (``RecentLocations``, up to LOCATION_CACHE_S) and
 asks those instead. ``Located.incomplete`` and every facility's message
@@ -38,12 +43,14 @@ from node.answers import (
     Status,
 )
 from node.clinical_items import ClinicalItem
+from node.peer_health import NotAsked, PeerHealth
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
 from transmural.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    TimedOut,
     TransmuralError,
     Unavailable,
 )
@@ -56,6 +63,8 @@ PURPOSES = ("treatment", "emergency")
 MAX_TEXT = 500
 #: Said in each facility's message when holders came from memory, not the registry.
 REGISTRY_DOWN = "registry unreachable: results may be incomplete"
+#: How the registry is named in its back-off (``PeerHealth`` keys peers by anything).
+REGISTRY = "registry"
 
 
 class HolderIndex(Protocol):
@@ -172,6 +181,7 @@ class Gateway:
         clock: Clock | None = None,
         default_deadline_s: float = const.PEER_DEADLINE_S,
         audit: AskingAudit | None = None,
+        registry_health: PeerHealth | None = None,
     ) -> None:
         self._audit = audit
         self._pseudonymiser = pseudonymiser
@@ -180,6 +190,7 @@ class Gateway:
         self._clock = clock or SystemClock()
         self._default_deadline_s = default_deadline_s
         self._recent = RecentLocations(self._clock)
+        self._registry_health = registry_health or PeerHealth(self._clock)
 
     def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
@@ -237,7 +248,7 @@ class Gateway:
     async def _locate(self, pseudonym: bytes) -> tuple[list[Facility], str]:
         """Holders from the registry, or remembered ones with a note saying so."""
         try:
-            holders = await self._index.locate(pseudonym)
+            holders = await self._registry_locate(pseudonym)
         except Unavailable:
             known = self._recent.recall(pseudonym)
             if known is None:
@@ -247,6 +258,26 @@ class Gateway:
             return holders, f"{REGISTRY_DOWN} (holders as known {age_s:.0f} s ago)"
         self._recent.remember(pseudonym, holders)
         return holders, ""
+
+    async def _registry_locate(self, pseudonym: bytes) -> list[Facility]:
+        """The registry's answer, unless it timed out lately (then Unavailable at once)."""
+        attempt = self._registry_health.admit(REGISTRY)
+        if isinstance(attempt, NotAsked):
+            raise Unavailable(f"the registry was {attempt.message}")
+        try:
+            holders = await self._index.locate(pseudonym)
+        except TimedOut as error:
+            window = self._registry_health.failed(attempt, Status.TIMEOUT, "no answer in time")
+            if window is not None:
+                log.warning("%s; not asking it for %.1f s", error, window)
+            raise
+        except BaseException:
+            # Refused or cancelled: no verdict on a hang, and a probe may be tried again.
+            self._registry_health.abandoned(attempt)
+            raise
+        if self._registry_health.answered(attempt):
+            log.warning("the registry answers again")
+        return holders
 
     async def _within_deadline(
         self, pieces: AsyncGenerator[tuple[DocumentRecord | None, bytes]], node_id: str

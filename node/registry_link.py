@@ -18,6 +18,7 @@ from transmural.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    TimedOut,
     TransmuralError,
     Unavailable,
 )
@@ -81,7 +82,7 @@ class RegistryLink:
         if code is grpc.StatusCode.PERMISSION_DENIED:
             return PermissionDenied(f"registry: {detail}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Unavailable(f"this node's registry at {self.address} did not answer in time")
+            return TimedOut(f"this node's registry at {self.address} did not answer in time")
         if code is grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"this node cannot reach its registry at {self.address}")
         return Unavailable(f"registry: {code.name}: {detail}")

@@ -349,6 +349,60 @@ async def test_registry_down_search_answers_from_known_holders_marked_incomplete
     await wait_for(unmarked, within_s=20)
 
 
+async def _start_hung_registry(net: RunningNetwork, address: str) -> grpc.aio.Server:
+    """A registry at ``address`` (real certificate from the network CA) that never answers."""
+    never = asyncio.Event()
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "transmural.v1.Registry", {"Locate": grpc.unary_unary_rpc_method_handler(hang)},
+    )])  # fmt: skip
+    network = net.registry.network
+    assert network is not None
+    key = pki.new_private_key()
+    cert = pki.issue_registry_certificate(network.ca_key, network.ca_cert, key)
+    tls = transport.TlsFiles(pki.pem(network.ca_cert), pki.pem(cert), pki.key_pem(key))
+    transport.bind(server, address, tls, client_certificates=False)
+    await server.start()
+    return server
+
+
+async def test_a_hung_registry_costs_one_search_its_deadline_not_every_search(
+    network: NetworkFactory, synthetic_bundles: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_const, "REGISTRY_DEADLINE_S", 2.0)
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    known = bsn_of(plan, at_least(plan, 1)[0])
+    _, before = await collect(net.client(0), known)  # the gateway now remembers its holders
+    address = await _stop_registry(net)
+    hung = await _start_hung_registry(net, address)
+    try:
+        timings = []
+        for _ in range(2):
+            started = time.monotonic()
+            holders, results = await collect(net.client(0), known)
+            timings.append(time.monotonic() - started)
+            assert holders.incomplete.startswith(REGISTRY_DOWN)
+            assert set(results) == set(before) and all(r.status == "ok" for r in results.values())
+        assert timings[0] >= 2.0  # the first search waited for the registry ...
+        assert timings[1] < 1.0  # ... the next did not: the registry backs off
+    finally:
+        await hung.stop(0)
+    await _restart_registry(net, address)
+
+    async def complete() -> bool:
+        holders, _ = await collect(net.client(0), known)
+        return holders.incomplete == ""
+
+    await wait_for(complete, within_s=20)  # a probe after the window finds it back
+
+
 def _registry_rows(database: Path) -> list[tuple[bytes, str]]:
     with sqlite3.connect(database) as conn:
         return conn.execute("SELECT pseudonym, node_id FROM index_entries").fetchall()

@@ -12,6 +12,7 @@ Anything else that escapes is a bug and goes out as INTERNAL without detail.
     ├── PermissionDenied            consent (or trust) says no
     ├── Unauthenticated             no, unknown or expired clinician token
     ├── Unavailable                 a dependency (registry, peer) is down
+    │   └── TimedOut                  ... or did not answer before its deadline
     ├── ConfigError                 a configuration file or flag is wrong
     ├── AssertionRejected           a peer refuses a requester assertion, one code each:
     │   ├── InvalidAssertion          malformed payload               INVALID_ARGUMENT
@@ -62,6 +63,10 @@ class Unauthenticated(TransmuralError):
 
 class Unavailable(TransmuralError):
     grpc_code = "UNAVAILABLE"
+
+
+class TimedOut(Unavailable):
+    """Reached, but no answer before the deadline: worth backing off from, unlike a refusal."""
 
 
 class ConfigError(TransmuralError):
