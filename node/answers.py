@@ -11,6 +11,17 @@ from enum import StrEnum
 
 from node.clinical_items import ClinicalItem
 from node.records import DocumentRecord
+from transmural.errors import InvalidInput
+
+#: A document id longer than this is refused on both sides of a fetch.
+MAX_DOCUMENT_ID_LENGTH = 256
+
+
+def check_document_id(document_id: str) -> str:
+    """The id, if it has a length a document id can have; else InvalidInput."""
+    if not document_id or len(document_id) > MAX_DOCUMENT_ID_LENGTH:
+        raise InvalidInput(f"a document id is 1 to {MAX_DOCUMENT_ID_LENGTH} characters")
+    return document_id
 
 
 class Status(StrEnum):

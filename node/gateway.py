@@ -41,6 +41,7 @@ from node.answers import (
     Located,
     Requester,
     Status,
+    check_document_id,
 )
 from node.clinical_items import ClinicalItem
 from node.peer_health import NotAsked, PeerHealth
@@ -215,6 +216,7 @@ class Gateway:
     ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
         """Stream one document from the facility ``node_id``."""
         check_requester(requester)
+        check_document_id(document_id)  # before the registry and the facility are asked
         pseudonym = self._pseudonymiser.pseudonym(identifier)
         holders, _ = await self._locate(pseudonym)
         facility = next((f for f in holders if f.node_id == node_id), None)

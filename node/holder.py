@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from node.answers import HolderAnswer, Requester, Status
+from node.answers import HolderAnswer, Requester, Status, check_document_id
 from node.audit import AuditLog, AuditRecord
 from node.categories import resource_categories
 from node.clinical_items import REPORT_TYPES, Extraction, extract
@@ -131,8 +131,7 @@ class RecordHolder:
         self, pseudonym: bytes, document_id: str, requester: Requester, origin: Origin
     ) -> tuple[DocumentRecord, AsyncIterator[bytes]]:
         """Metadata and content stream of one of the patient's documents."""
-        if not document_id or len(document_id) > 256:
-            raise InvalidInput("document id must be 1 to 256 characters")
+        check_document_id(document_id)
         _check_pseudonym(pseudonym)
         patient, consents = await self._store.patient_and_consents(pseudonym)
         decision, document = None, None

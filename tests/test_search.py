@@ -145,6 +145,22 @@ async def test_fetch_of_another_patients_document_is_not_found(
         await net.client(0).fetch(bsn_of(plan, second), "node-1", document_id, io.BytesIO())
 
 
+async def test_fetch_of_an_oversized_document_id_is_refused_before_anyone_is_asked(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    bsn = bsn_of(plan, at_least(plan, 2)[0])
+    records = [(await node.audit.verify()).records for node in net.nodes]
+
+    with pytest.raises(ClientError, match="1 to 256 characters") as caught:
+        await net.client(0).fetch(bsn, "node-2", "x" * 3_000_000, io.BytesIO())
+
+    assert caught.value.exit_code == 2
+    assert [(await node.audit.verify()).records for node in net.nodes] == records
+
+
 async def test_search_without_a_valid_token_refused(network: NetworkFactory) -> None:
     net = await network(n=1)
     for token in ("", "tmu1_not-issued-here"):
