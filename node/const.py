@@ -11,6 +11,8 @@ REGISTRY_DEADLINE_S = 3.0
 #: and how many patients it remembers.
 LOCATION_CACHE_S = 600.0
 LOCATION_CACHE_SIZE = 10_000
+#: Searches, reports and fetches one clinician may have running at a node at once.
+MAX_REQUESTS_PER_CLINICIAN = 16
 #: Deadline of a whole document fetch through the gateway.
 FETCH_DEADLINE_S = 120.0
 

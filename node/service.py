@@ -14,6 +14,7 @@ import grpc
 
 from node.answers import FacilityAnswer, FacilityItemsAnswer, Located, Requester
 from node.assertions import AssertionCheck
+from node.clinician_share import ClinicianShare
 from node.convert import (
     document_to_proto,
     facility_to_proto,
@@ -106,9 +107,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         clinicians: Clinicians,
         national_system: str,
         organisation_id: str,
+        share: ClinicianShare | None = None,
     ) -> None:
         self._gateway = gateway
         self._clinicians = clinicians
+        self._share = share or ClinicianShare()
         self._national_system = national_system
         self._organisation_id = organisation_id
 
@@ -135,8 +138,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
         deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
-        async for event in self._gateway.search(identifier, requester, deadline_s):
-            yield _search_event(event)
+        with self._share.request(requester.clinician_id):
+            async for event in self._gateway.search(identifier, requester, deadline_s):
+                yield _search_event(event)
 
     @maps_errors
     async def Report(
@@ -145,8 +149,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
         deadline_s = request.deadline_ms / 1000 if request.deadline_ms else None
-        async for event in self._gateway.report(identifier, requester, deadline_s):
-            yield _report_event(event)
+        with self._share.request(requester.clinician_id):
+            async for event in self._gateway.report(identifier, requester, deadline_s):
+                yield _report_event(event)
 
     @maps_errors
     async def FetchDocument(
@@ -156,15 +161,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidInput("a fetch names both the facility (node id) and the document id")
         requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
-        async for metadata, data in self._gateway.fetch(
-            identifier, request.node_id, request.document_id, requester
-        ):
-            if len(data) > FETCH_PIECE_BYTES:
-                raise InvalidInput("the facility sent an oversized chunk")
-            chunk = common_pb2.DocumentChunk(data=data)
-            if metadata is not None:
-                chunk.metadata.CopyFrom(document_to_proto(metadata))
-            yield chunk
+        with self._share.request(requester.clinician_id):
+            async for metadata, data in self._gateway.fetch(
+                identifier, request.node_id, request.document_id, requester
+            ):
+                if len(data) > FETCH_PIECE_BYTES:
+                    raise InvalidInput("the facility sent an oversized chunk")
+                chunk = common_pb2.DocumentChunk(data=data)
+                if metadata is not None:
+                    chunk.metadata.CopyFrom(document_to_proto(metadata))
+                yield chunk
 
     def _identifier(self, patient: common_pb2.PatientIdentifier) -> Identifier:
         return canonical(patient.system or self._national_system, patient.value)

@@ -290,6 +290,8 @@ class GatewayClient:
                 f"your node at {self.address} is busy (too many requests at once); "
                 "try again in a moment", 3,
             )  # fmt: skip
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and from_server(error):
+            return ClientError(detail, 3)  # our own share or limit, said in words
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
         if code is grpc.StatusCode.UNAUTHENTICATED:

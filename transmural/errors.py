@@ -22,7 +22,8 @@ Anything else that escapes is a bug and goes out as INTERNAL without detail.
     │   ├── AssertionWrongAudience    meant for another node          FAILED_PRECONDITION
     │   ├── AssertionExpired          outside its validity time       OUT_OF_RANGE
     │   └── AssertionReplayed         its nonce was already used      ALREADY_EXISTS
-    └── ReplayCacheFull             too many live nonces to check     RESOURCE_EXHAUSTED
+    ├── ReplayCacheFull             too many live nonces to check     RESOURCE_EXHAUSTED
+    └── Overloaded                  over a caller's share of the work  RESOURCE_EXHAUSTED
 """
 
 from __future__ import annotations
@@ -110,5 +111,11 @@ class AssertionReplayed(AssertionRejected):
 
 class ReplayCacheFull(TransmuralError):
     """The replay cache holds only unexpired nonces: the caller should retry shortly."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Overloaded(TransmuralError):
+    """The caller already has its share of the work in progress: retry when some is done."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
