@@ -256,9 +256,10 @@ class GatewayClient:
             async for chunk in self._stub.FetchDocument(request, metadata=self._metadata):
                 if chunk.HasField("metadata") and metadata is None:
                     metadata = _document(chunk.metadata)
-                digest.update(chunk.data)
-                size += len(chunk.data)
-                out.write(chunk.data)
+                data = chunk.data  # each read of a bytes field copies it
+                digest.update(data)
+                size += len(data)
+                out.write(data)
                 if progress is not None:
                     progress(size, metadata.size if metadata else 0)
         except grpc.aio.AioRpcError as error:
