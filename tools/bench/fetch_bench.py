@@ -21,7 +21,13 @@ from typing import BinaryIO
 from node.store import NodeStore
 from registry.network import load_network
 from tools.bench.common import ECHO_STREAM_METHOD, Figure, mint_node
-from tools.bench.processes import echo_processes, node_processes, reset_peak, resident_bytes
+from tools.bench.processes import (
+    cpu_seconds,
+    echo_processes,
+    node_processes,
+    reset_peak,
+    resident_bytes,
+)
 from tools.gateway_client import GatewayClient
 from tools.synthetic import generate
 from transmural import pki, transport
@@ -106,10 +112,14 @@ async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
                 f"{FETCH_PIECE_BYTES // 1024} KiB messages, one process to the client", 0.7,
             )  # fmt: skip
             growth = [0, 0]
+            cpu = [0.0, 0.0, 0.0]  # asking node, holding node, client: seconds over all reps
             try:
                 for _ in range(reps):
                     peaks = [(resident_bytes(p), reset_peak(p)) for p in pids]
+                    started = [*map(cpu_seconds, pids), time.process_time()]
                     figure.values.append(await _timed_fetch(client, bsn, document_id, size))
+                    ended = [*map(cpu_seconds, pids), time.process_time()]
+                    cpu = [c + e - s for c, s, e in zip(cpu, started, ended, strict=True)]
                     for side, (pid, (before, reset)) in enumerate(zip(pids, peaks, strict=True)):
                         if reset:
                             peak = resident_bytes(pid, "VmHWM") - before
@@ -122,7 +132,11 @@ async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
         "registry, nodes and the plain server are separate processes; the fetch crosses two "
         "hops (clinician -> gateway over TLS, gateway -> peer over mutual TLS) and reads "
         "SQLite chunks, the baseline one hop from memory; peak resident growth during a "
-        f"fetch: asking node {growth[0] / MIB:.1f} MiB, holding node {growth[1] / MIB:.1f} MiB"
+        f"fetch: asking node {growth[0] / MIB:.1f} MiB, holding node {growth[1] / MIB:.1f} MiB; "
+        "CPU per 100 MB fetched: asking node {:.2f} s, holding node {:.2f} s, client {:.2f} s "
+        "(the asking node relays: it does the baseline client's and server's work both)".format(
+            *(seconds / (size * reps / 100e6) for seconds in cpu)
+        )
     )
     return [figure]
 
