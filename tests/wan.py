@@ -160,14 +160,13 @@ class Wan:
         """Start ``argv`` in ``host``'s namespace; ``close`` kills it if still running.
 
         ``ip netns exec`` replaces itself with ``argv``: the process is ``argv``'s own,
-        and dies with the test process (``transmural.process.die_with_parent``).
+        and dies with the test process (``transmural.process.dying_with_parent``).
         """
-        from transmural.process import die_with_parent  # not at the top: this is a script too
+        from transmural.process import dying_with_parent  # not at the top: this is a script too
 
         kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("preexec_fn", die_with_parent())
         process: subprocess.Popen[Any] = subprocess.Popen(
-            [*self.exec_prefix(host), *argv], **kwargs
+            dying_with_parent([*self.exec_prefix(host), *argv]), **kwargs
         )
         self.processes.append(process)
         return process

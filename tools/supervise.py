@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transmural.process import die_with_parent
+from transmural.process import dying_with_parent
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -94,25 +94,26 @@ def start_server(
     ready = folder / "ready.json"
     ready.unlink(missing_ok=True)
     log = folder / "server.log"
-    command = [
-        *prefix,
-        sys.executable,
-        "-m",
-        module,
-        "serve",
-        *args,
-        "--ready-file",
-        str(ready),
-        "--log-file",
-        str(log),
-    ]
+    command = dying_with_parent(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            module,
+            "serve",
+            *args,
+            "--ready-file",
+            str(ready),
+            "--log-file",
+            str(log),
+        ]
+    )
     with (folder / "stderr.log").open("ab") as stderr:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
-            preexec_fn=die_with_parent(),
         )
     return ServerProcess(name, process, ready, log)
 

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,25 +42,32 @@ def _prctl() -> Callable[..., int] | None:
         return None
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` making the child get SIGTERM when we die; None off Linux.
+#: Run as ``python -c`` before the real command: ask for SIGTERM when the
+#: parent (argv[1]) dies, then become the command (the signal survives exec).
+_EXEC_DYING_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM.value, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("parent gone before the command started")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(command: Sequence[str]) -> list[str]:
+    """``command`` made to get SIGTERM when this process dies (Linux; as is elsewhere).
 
     Without it a SIGKILLed devnet, bench or pytest leaves its servers running
-    for ever. libc is looked up here, in the parent, so the child (forked from
-    a process that may run gRPC threads) only makes one C call before exec.
-    The pid check closes the race where we died before the prctl took effect.
+    for ever. A ``preexec_fn`` cannot do it here: Python then forks the whole
+    process, and a child forked from one running gRPC aborts now and then
+    before it reaches exec ("ev_epoll1_linux ... Check failed"). So a small
+    interpreter (``-I -S``: no site, no environment) sets the signal and
+    execs the command, and the process is still the command's own.
     """
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM.value, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+    if _prctl() is None:
+        return list(command)
+    return [
+        sys.executable, "-I", "-S", "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *command
+    ]  # fmt: skip
 
 
 def end_with_parent(parent: int) -> None:
