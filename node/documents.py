@@ -154,7 +154,7 @@ def _reference_documents(
         created = _first_datetime(
             where,
             resource.get("date"),
-            context.get("period", {}).get("start") if isinstance(context, dict) else None,
+            _start_of(context.get("period")) if isinstance(context, dict) else None,
             attachment.get("creation"),
         )
         title = _text(attachment.get("title")) or base_title or "Document"
@@ -222,8 +222,7 @@ def _encounter_summaries(
             continue
         if source.key in noted_encounters or source.full_url in noted_encounters:
             continue
-        period = resource.get("period")
-        start = period.get("start") if isinstance(period, dict) else None
+        start = _start_of(resource.get("period"))
         kind = concept_text(resource.get("type")) or _class_code(resource) or "encounter"
         content = _collection(
             f"encounter-summary-{resource['id']}",
@@ -240,6 +239,11 @@ def _encounter_summaries(
             author=_organisation(resource.get("serviceProvider")) or OrganisationRef(),
             categories=categories_of([resource, *members.get(source.key, [])]),
         )
+
+
+def _start_of(period: Any) -> Any:
+    """A FHIR Period's start; None when the period is not an object."""
+    return period.get("start") if isinstance(period, dict) else None
 
 
 def _collection(bundle_id: str, resources: Sequence[str]) -> bytes:

@@ -28,7 +28,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import re
+import stat
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
@@ -192,14 +195,32 @@ def bundle_files(folder: Path) -> list[Path]:
 def prepare_bundle(
     path: Path, national_system: str, pseudonymiser: Pseudonymiser | None
 ) -> BundleDraft:
-    """Read, validate and convert one bundle file (blocking: run it in a thread)."""
+    """Read, validate and convert one bundle file (blocking: run it in a thread).
+
+    Every problem is an ``InvalidBundle`` naming the file: the checks below
+    name most; a shape they did not foresee (a list where FHIR has an
+    object, say) is refused as such rather than ending the whole ingest.
+    """
+    try:
+        return _prepare(path, national_system, pseudonymiser)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as error:
+        if isinstance(error, InvalidInput):  # InvalidBundle, InvalidIdentifier: already said
+            raise
+        log.debug("refused %s: %r", path.name, error)
+        raise InvalidBundle(
+            f"{path.name}: not FHIR this node can read: a value of an unexpected type or shape "
+            f"({type(error).__name__})"
+        ) from None
+
+
+def _prepare(path: Path, national_system: str, pseudonymiser: Pseudonymiser | None) -> BundleDraft:
     name = path.name
     bundle = _load(path)
     kind = bundle.get("resourceType")
     if kind != "Bundle":
         raise InvalidBundle(f'{name}: resourceType is {_shown(kind)}, not "Bundle"')
     bundle_type = bundle.get("type")
-    if bundle_type not in INGESTED_TYPES:
+    if not isinstance(bundle_type, str) or bundle_type not in INGESTED_TYPES:
         raise InvalidBundle(
             f"{name}: Bundle type {_shown(bundle_type)} is not one we ingest "
             f"({', '.join(sorted(INGESTED_TYPES))})"
@@ -251,14 +272,19 @@ def prepare_bundle(
 def _load(path: Path) -> JSONObject:
     name = path.name
     try:
-        size = path.stat().st_size
-        if size > MAX_BUNDLE_BYTES:
-            raise InvalidBundle(f"{name}: {size} bytes is more than {MAX_BUNDLE_BYTES}")
-        raw = path.read_bytes()
+        # Non-blocking: opening a FIFO would otherwise wait for a writer. A
+        # FIFO or a device is no bundle (reading one may never end), checked
+        # on the opened file so that a swap after a check is caught too.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise InvalidBundle(f"{name}: not a regular file")
+            raw = handle.read(MAX_BUNDLE_BYTES + 1)
     except OSError as error:
         raise InvalidBundle(f"{name}: cannot be read: {error.strerror}") from None
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise InvalidBundle(f"{name}: larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        bundle = json.loads(raw)
+        bundle = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
         raise InvalidBundle(f"{name}: not JSON: not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -267,9 +293,26 @@ def _load(path: Path) -> JSONObject:
         ) from None
     except RecursionError:
         raise InvalidBundle(f"{name}: not JSON we accept: nested too deep") from None
+    except ValueError as error:
+        # Python's limits and ours: over 4,300 digits, Infinity, NaN, 1e999.
+        raise InvalidBundle(f"{name}: not JSON we accept: {error}") from None
     if not isinstance(bundle, dict):
         raise InvalidBundle(f"{name}: not a JSON object (a FHIR Bundle is one)")
     return bundle
+
+
+def _no_constant(name: str) -> float:
+    """``json.loads``' hook for NaN and Infinity: JSON has no such numbers, nor FHIR."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """``json.loads``' hook for decimals: one too large for a float is refused, not stored
+    as Infinity (which ``json.dumps`` would write back as invalid JSON)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is too large")
+    return value
 
 
 def _entries(name: str, entries: list[Any]) -> tuple[list[Source], list[tuple[str, str] | None]]:
@@ -445,6 +488,8 @@ def _shown(value: object) -> str:
 
 
 def _sniff_type(path: Path) -> str:
+    if not path.is_file():  # a FIFO would block; _load refuses it with a reason
+        return ""
     try:
         with path.open("rb") as handle:
             head = handle.read(_SNIFF_BYTES).decode("utf-8", "replace")

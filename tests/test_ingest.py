@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from node import ingest as ingest_module
 from node.fhir import compact_json
 from node.ingest import bundle_files, ingest_file, ingest_folder
 from node.records import IngestReport
@@ -359,6 +361,23 @@ MALFORMED: dict[str, tuple[str | bytes, str]] = {
         json.dumps(bundle_of(dutch_patient("p9", "111222333"), note("n9", "p9", "not base64!"))),
         "not base64",
     ),
+    # Shapes FHIR does not allow, which Python would otherwise trip over.
+    "type-is-list.json": (
+        '{"resourceType": "Bundle", "type": [], "entry": []}',
+        "not one we ingest",
+    ),
+    "long-integer.json": (
+        '{"resourceType": "Bundle", "type": "batch", "n": ' + "9" * 5000 + ', "entry": []}',
+        "not JSON we accept",
+    ),
+    "infinity.json": (
+        '{"resourceType": "Bundle", "type": "batch", "n": 1e999, "entry": []}',
+        "not JSON we accept: the number 1e999 is too large",
+    ),
+    "nan.json": (
+        '{"resourceType": "Bundle", "type": "batch", "n": NaN, "entry": []}',
+        "NaN is not a JSON number",
+    ),
 }
 
 
@@ -382,6 +401,46 @@ async def test_malformed_bundle_is_rejected_and_nothing_changes(
     assert message.startswith(f"{name}: ") and problem in message
     assert "123456789" not in message  # the identifier itself is not repeated
     assert await _counts(store) == before
+
+
+def test_a_shape_no_check_foresaw_is_refused_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's own TypeError and the like, deep in conversion, end one file, not the run."""
+
+    def trips(*args: Any) -> Any:
+        raise AttributeError("'str' object has no attribute 'get'")
+
+    monkeypatch.setattr(ingest_module, "build_documents", trips)
+    bundle = tmp_path / "odd.json"
+    bundle.write_text(json.dumps(bundle_of(dutch_patient("p1", "111222333"))))
+    with pytest.raises(InvalidBundle, match=r"^odd.json: not FHIR this node can read"):
+        ingest_module.prepare_bundle(bundle, BSN_SYSTEM, PSEUDONYMS)
+
+
+def test_a_period_given_as_text_is_no_reason_to_crash(tmp_path: Path) -> None:
+    bundle = tmp_path / "period.json"
+    odd_note = {**note("n1", "p1"), "context": {"period": "2020"}}
+    bundle.write_text(json.dumps(bundle_of(dutch_patient("p1", "111222333"), odd_note)))
+    draft = ingest_module.prepare_bundle(bundle, BSN_SYSTEM, PSEUDONYMS)
+    assert [d.document_id for d in draft.documents] == ["DocumentReference/n1"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+async def test_a_fifo_or_device_among_the_bundles_is_refused_not_read(
+    store: NodeStore, tmp_path: Path
+) -> None:
+    (tmp_path / "a-good.json").write_text(json.dumps(bundle_of(dutch_patient("p1", "111222333"))))
+    os.mkfifo(tmp_path / "b-fifo.json")  # reading it would wait for a writer for ever
+    (tmp_path / "c-zero.json").symlink_to("/dev/zero")  # reading it would never end
+    reports, errors = await asyncio.wait_for(
+        ingest_folder(store, tmp_path, PSEUDONYMS, BSN_SYSTEM), timeout=30
+    )
+    assert [r.file for r in reports] == ["a-good.json"]
+    assert sorted(str(e) for e in errors) == [
+        "b-fifo.json: not a regular file",
+        "c-zero.json: not a regular file",
+    ]
 
 
 async def test_folder_ingest_reports_each_bad_file_and_loads_the_rest(
