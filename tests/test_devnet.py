@@ -249,3 +249,18 @@ def test_a_killed_supervisor_leaves_no_server_behind(tmp_path: Path) -> None:
     if _running(pid):
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the server outlived the process that started it")
+
+
+def test_a_workdir_holding_something_else_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    workdir = tmp_path / "home"
+    workdir.mkdir(mode=0o755)
+    (workdir / "notes.txt").write_text("mine")
+    workdir.chmod(0o755)
+    run = subprocess.run(
+        [*ADMIN, "devnet", "--nodes", "1", "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "not an empty folder" in run.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+    assert workdir.stat().st_mode & 0o777 == 0o755

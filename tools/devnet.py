@@ -118,8 +118,11 @@ def prepare(
     """
     if data is not None and not data.is_dir():
         raise ProcessError(f"--data {data}: not a folder")
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        # Never take over (and chmod) a folder holding something else: /etc, a home.
+        raise ProcessError(f"--workdir {workdir}: not an empty folder; give a new or empty one")
     workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o700)  # a folder the user made may be 0755; patient data goes in
+    workdir.chmod(0o700)  # an empty folder the user made may be 0755; patient data goes in
     if insecure:
         write_network_key(workdir / "network.key", new_network_key())
     else:
