@@ -27,6 +27,7 @@ The gateway talks to the registry and to peers through two small ports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -213,7 +214,7 @@ class Gateway:
 
     async def fetch(
         self, identifier: Identifier, node_id: str, document_id: str, requester: Requester
-    ) -> AsyncIterator[tuple[DocumentRecord | None, bytes]]:
+    ) -> AsyncGenerator[tuple[DocumentRecord | None, bytes]]:
         """Stream one document from the facility ``node_id``."""
         check_requester(requester)
         check_document_id(document_id)  # before the registry and the facility are asked
@@ -232,8 +233,11 @@ class Gateway:
             facility, pseudonym, document_id, requester, correlation_id, self._default_deadline_s
         )
         try:
-            async for piece in self._within_deadline(pieces, node_id):
-                yield piece
+            # Closed at once when this generator is (a clinician who goes away
+            # must not leave the facility streaming to no one until its deadline).
+            async with contextlib.aclosing(pieces):
+                async for piece in self._within_deadline(pieces, node_id):
+                    yield piece
         except TransmuralError as refused:
             # The facility's answer, as the asking side saw it.
             outcome = "denied" if isinstance(refused, PermissionDenied | NotFound) else "error"

@@ -241,13 +241,20 @@ class PeerChannels:
                 call = stub.FetchDocument(
                     request, timeout=const.FETCH_DEADLINE_S, wait_for_ready=False
                 )
-                while (chunk := await _next_chunk(call, chunk_deadline_s)) is not None:
-                    # Reached: a long download must not keep others from probing.
-                    self._reached(facility, attempt)
-                    metadata = (
-                        document_from_proto(chunk.metadata) if chunk.HasField("metadata") else None
-                    )
-                    yield metadata, chunk.data
+                try:
+                    while (chunk := await _next_chunk(call, chunk_deadline_s)) is not None:
+                        # Reached: a long download must not keep others from probing.
+                        self._reached(facility, attempt)
+                        metadata = (
+                            document_from_proto(chunk.metadata)
+                            if chunk.HasField("metadata")
+                            else None
+                        )
+                        yield metadata, chunk.data
+                finally:
+                    # Closed early (the clinician went away): end the facility's
+                    # stream now, not at its deadline, and stop buffering it.
+                    call.cancel()
         except grpc.aio.AioRpcError as error:
             raise _domain_error(facility, error) from None
         except _Silent:

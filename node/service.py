@@ -7,6 +7,7 @@ Every method goes through ``maps_errors``, the one error boundary.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 
@@ -161,16 +162,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidInput("a fetch names both the facility (node id) and the document id")
         requester = await self._requester(context, request)
         identifier = self._identifier(request.patient)
+        pieces = self._gateway.fetch(identifier, request.node_id, request.document_id, requester)
+        # aclosing: a clinician who goes away ends the fetch from the facility at once.
         with self._share.request(requester.clinician_id):
-            async for metadata, data in self._gateway.fetch(
-                identifier, request.node_id, request.document_id, requester
-            ):
-                if len(data) > FETCH_PIECE_BYTES:
-                    raise InvalidInput("the facility sent an oversized chunk")
-                chunk = common_pb2.DocumentChunk(data=data)
-                if metadata is not None:
-                    chunk.metadata.CopyFrom(document_to_proto(metadata))
-                yield chunk
+            async with contextlib.aclosing(pieces):
+                async for metadata, data in pieces:
+                    if len(data) > FETCH_PIECE_BYTES:
+                        raise InvalidInput("the facility sent an oversized chunk")
+                    chunk = common_pb2.DocumentChunk(data=data)
+                    if metadata is not None:
+                        chunk.metadata.CopyFrom(document_to_proto(metadata))
+                    yield chunk
 
     def _identifier(self, patient: common_pb2.PatientIdentifier) -> Identifier:
         return canonical(patient.system or self._national_system, patient.value)

@@ -103,14 +103,15 @@ def open_channel(
 
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+    max_concurrent_rpcs: int | None = None,
     max_connections: int = MAX_INCOMING_CONNECTIONS,
     handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS,
 ) -> grpc.aio.Server:
     """A server with our limits; an unparsable request is INVALID_ARGUMENT (``status``).
 
-    At most ``max_concurrent_rpcs`` calls run at once: a burst beyond that
-    gets RESOURCE_EXHAUSTED at once instead of queueing with latency growing
+    At most ``max_concurrent_rpcs`` (default MAX_CONCURRENT_RPCS, read when
+    called) calls run at once: a burst beyond that gets RESOURCE_EXHAUSTED at
+    once instead of queueing with latency growing
     without limit. At most ``max_connections`` connections are open at once
     (a connection beyond is closed as it arrives), so idle sockets opened
     by a hostile client cannot grow the server's memory without limit.
@@ -123,7 +124,7 @@ def new_server(
     return grpc.aio.server(
         options=options,
         interceptors=[MalformedRequestInterceptor(), *interceptors],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        maximum_concurrent_rpcs=max_concurrent_rpcs or MAX_CONCURRENT_RPCS,
     )
 
 
