@@ -161,6 +161,17 @@ async def test_fetch_of_an_oversized_document_id_is_refused_before_anyone_is_ask
     assert [(await node.audit.verify()).records for node in net.nodes] == records
 
 
+async def test_an_error_quoting_a_huge_input_is_cut_not_lost(
+    network: NetworkFactory, synthetic_bundles
+) -> None:
+    """Error details travel in a header: quoting a 20,000-character facility id in full
+    would exceed the header limit and reach the clinician as transport noise."""
+    net = await network(n=1)
+    with pytest.raises(ClientError, match=r"^facility 'n+ \.\.\. \(message cut\)$") as caught:
+        await net.client(0).fetch("111222333", "n" * 20_000, "doc", io.BytesIO())
+    assert len(str(caught.value)) < 1_100
+
+
 async def test_search_without_a_valid_token_refused(network: NetworkFactory) -> None:
     net = await network(n=1)
     for token in ("", "tmu1_not-issued-here"):

@@ -52,6 +52,7 @@ from tools.supervise import ProcessError, ServerProcess, start_server
 from tools.synthetic import generate
 from transmural.errors import InvalidIdentifier
 from transmural.identifiers import canonical
+from transmural.process import dying_with_parent
 from transmural.pseudonym import new_network_key, write_network_key
 
 CLINICIAN_NAMES = ("Dr. A. de Vries", "Dr. B. Jansen", "Dr. C. Bakker", "Dr. D. Visser")
@@ -243,15 +244,17 @@ def ingest_all(net: DevNet, say: Callable[[str], None]) -> None:
             folder = config.database.parent
             with (folder / "ingest.log").open("wb") as log:
                 process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tools.admin",
-                        "ingest",
-                        "--config",
-                        str(folder / "node.toml"),
-                        str(folder / "bundles"),
-                    ],
+                    dying_with_parent(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tools.admin",
+                            "ingest",
+                            "--config",
+                            str(folder / "node.toml"),
+                            str(folder / "bundles"),
+                        ]
+                    ),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

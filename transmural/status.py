@@ -37,6 +37,9 @@ def grpc_code(error: TransmuralError) -> grpc.StatusCode:
 #: seeing it knows the server itself answered (so UNAVAILABLE means something
 #: behind it is down); without it, the client could not reach the server.
 ERROR_ORIGIN_KEY = "transmural-error"
+#: Longest error message sent: it travels in a header, and a message quoting a
+#: huge input would exceed the header limit and reach the client as noise.
+MAX_DETAIL_CHARS = 1000
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
@@ -46,10 +49,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.info("refused %s: %s", method, type(exc).__name__)
         log.debug("refused %s: %s", method, exc)
         context.set_trailing_metadata(((ERROR_ORIGIN_KEY, type(exc).__name__),))
-        await context.abort(grpc_code(exc), str(exc))
+        await context.abort(grpc_code(exc), _shortened(str(exc)))
     log.error("unexpected error in %s", method, exc_info=exc)
     context.set_trailing_metadata(((ERROR_ORIGIN_KEY, "internal"),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _shortened(detail: str) -> str:
+    """``detail``, cut to MAX_DETAIL_CHARS with a mark where it was cut."""
+    if len(detail) <= MAX_DETAIL_CHARS:
+        return detail
+    return detail[: MAX_DETAIL_CHARS - 20] + " ... (message cut)"
 
 
 def from_server(error: grpc.aio.AioRpcError) -> bool:
