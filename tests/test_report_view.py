@@ -14,6 +14,7 @@ the one invariant the bundle's construction could break (unique fullUrl).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import uuid
@@ -150,8 +151,13 @@ def test_the_validator_refuses_what_r4_refuses(report: Report) -> None:
 
 def test_json_schema_keys_are_stable(report: Report) -> None:
     answer = json.loads(json.dumps(report_json(report)))
-    assert set(answer) == {"schema_version", "patient", "correlation_id", "facilities", "sections"}
+    assert set(answer) == {
+        "schema_version", "patient", "correlation_id", "incomplete", "facilities", "sections",
+    }  # fmt: skip
     assert answer["schema_version"] == 1 and answer["correlation_id"] == "c-42"
+    assert answer["incomplete"] == ""  # the registry answered
+    remembered = dataclasses.replace(report, incomplete="registry unreachable: ...")
+    assert report_json(remembered)["incomplete"] == "registry unreachable: ..."
     assert set(answer["facilities"][0]) == {
         "node_id", "organisation", "organisation_id", "status", "message", "elapsed_ms", "items",
     }  # fmt: skip

@@ -108,7 +108,11 @@ async def report(
     merged = merge(
         results, recent_limit=limit, patient=identifier,
         correlation_id=holders.correlation_id if holders else "",
+        incomplete=holders.incomplete if holders else "",
     )  # fmt: skip
+    if merged.incomplete and output != "tables":
+        # The FHIR bundle has no place for it, and the JSON reader may not look: say it here too.
+        print(f"transmural: warning: {merged.incomplete}", file=sys.stderr)
     if output == "tables":
         print(file=out)
         if purpose == "emergency":

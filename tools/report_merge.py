@@ -169,6 +169,8 @@ class Report:
     sections: tuple[Section, ...]
     patient: str = ""
     correlation_id: str = ""
+    #: Why the facilities asked may not be all (registry unreachable); "" when they are.
+    incomplete: str = ""
 
     def section(self, name: str) -> Section:
         for section in self.sections:
@@ -186,6 +188,7 @@ def merge(
     recent_limit: int | None = None,
     patient: str = "",
     correlation_id: str = "",
+    incomplete: str = "",
 ) -> Report:
     """Merge every facility's entries; facilities keep the order they answered in."""
     answers = list(results)
@@ -203,6 +206,7 @@ def merge(
         sections=tuple(_section(n, grouped.get(n, {}), recent_limit) for n in names),
         patient=patient,
         correlation_id=correlation_id,
+        incomplete=incomplete,
     )
 
 

@@ -223,6 +223,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "patient": report.patient,
         "correlation_id": report.correlation_id,
+        "incomplete": report.incomplete,
         "facilities": [
             {
                 "node_id": f.node_id,
