@@ -108,7 +108,7 @@ SIDES: tuple[str, ...] = ("asking", "answering", "local")
 ACTIONS: tuple[str, ...] = (
     "search", "search-answer", "fetch", "fetch-answer", "report", "report-answer",
     "consent-add", "consent-withdraw", "consent-import",
-    "break-the-glass", "ingest", "join", "index-publish", "audit-export",
+    "break-the-glass", "ingest-start", "ingest", "join", "index-publish", "audit-export",
 )  # fmt: skip
 _ACTION = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 

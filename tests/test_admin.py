@@ -96,10 +96,13 @@ def test_ingest_file_refused_names_the_path_as_given(
     assert admin.main(["ingest", "--config", str(config), given]) == 1
     err = capsys.readouterr().err
     assert f"refused: {given}: resourceType" in err
-    # The refused ingest is audited too, naming the folder, not the file.
+    # The refused ingest is audited too (its start, then its end), naming the folder only.
     with sqlite3.connect(tmp_path / "node.db") as db:
-        rows = db.execute("SELECT action, outcome, outcome_reason FROM audit_log").fetchall()
-    assert len(rows) == 1
-    action, outcome, reason = rows[0]
-    assert (action, outcome) == ("ingest", "error") and "1 refused" in reason
-    assert "broken.json" not in reason
+        rows = db.execute(
+            "SELECT action, outcome, outcome_reason FROM audit_log ORDER BY seq"
+        ).fetchall()
+    assert [(action, outcome) for action, outcome, _ in rows] == [
+        ("ingest-start", "granted"), ("ingest", "error"),
+    ]  # fmt: skip
+    assert "1 bundle files from in" in rows[0][2] and "1 refused" in rows[1][2]
+    assert all("broken.json" not in reason for _, _, reason in rows)

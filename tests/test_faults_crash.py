@@ -138,6 +138,9 @@ def test_sigkill_mid_ingest_leaves_whole_bundles_and_reingest_adds_no_duplicates
     assert KILL_AFTER_PATIENTS <= len(crashed) < PATIENT_BUNDLES, "killed too late to prove much"
     for fhir_id, counts in crashed.items():
         assert counts == expected[fhir_id], f"patient {fhir_id} is in only partly"
+    with sqlite3.connect(config.database) as db:
+        actions = [row[0] for row in db.execute("SELECT action FROM audit_log ORDER BY seq")]
+    assert actions == ["ingest-start"]  # the killed ingest left its trace, though not its end
 
     again = _ingest(toml, folder)
     output = again.communicate(timeout=120)[0].decode(errors="replace")

@@ -75,6 +75,8 @@ async def ingest(
     try:
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:
+                # Recorded first: an ingest killed half-way still left its trace.
+                await _audit_start(store, item)
                 await _ingest_path(store, item, pseudonymiser, config.national_system, progress)
                 # A file name may be a patient's name (Synthea): record its folder only.
                 folder = item.path if item.is_dir else item.path.parent
@@ -201,6 +203,20 @@ def _skipped(folder: Path) -> str:
 
 def _plural(count: int, noun: str) -> str:
     return noun if count == 1 else f"{noun}s"
+
+
+async def _audit_start(store: NodeStore, item: _Path) -> None:
+    """An ingest is about to write: which folder, how many files (no patient data)."""
+    folder = item.path if item.is_dir else item.path.parent
+    await AuditLog(store.database, SystemClock()).append(
+        AuditRecord(
+            action="ingest-start",
+            outcome="granted",
+            side="local",
+            outcome_reason=f"{len(item.files)} bundle files from {folder}",
+            clinician_id=getpass.getuser(),
+        )
+    )
 
 
 async def _audit_ingest(
