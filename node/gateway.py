@@ -11,7 +11,10 @@ run the same fan-out (``Gateway._fan_out``), only the peer call differs.
 A registry that hangs costs one search its deadline, not every search: after
 a timeout the registry backs off (``PeerHealth``, as a failing peer does)
 and searches go straight to the remembered holders until a probe gets an
-answer again. A registry that refuses connections fails fast anyway.
+answer again. The probe is one clinician's search, so when that patient's
+holders are remembered the clinician waits only PROBE_PATIENCE_S for it:
+the probe goes on in the background and its answer decides the back-off.
+A registry that refuses connections fails fast anyway.
 
 The registry down: the gateway remembers each patient's holders from the
 last successful locate (``RecentLocations``, up to LOCATION_CACHE_S) and
@@ -45,7 +48,7 @@ from node.answers import (
     check_document_id,
 )
 from node.clinical_items import ClinicalItem
-from node.peer_health import NotAsked, PeerHealth
+from node.peer_health import Attempt, NotAsked, PeerHealth
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
 from transmural.errors import (
@@ -67,6 +70,8 @@ MAX_TEXT = 500
 REGISTRY_DOWN = "registry unreachable: results may be incomplete"
 #: How the registry is named in its back-off (``PeerHealth`` keys peers by anything).
 REGISTRY = "registry"
+#: How long a search with remembered holders waits for a registry probe.
+PROBE_PATIENCE_S = 0.5
 
 
 class HolderIndex(Protocol):
@@ -193,6 +198,7 @@ class Gateway:
         self._default_deadline_s = default_deadline_s
         self._recent = RecentLocations(self._clock)
         self._registry_health = registry_health or PeerHealth(self._clock)
+        self._probes: set[asyncio.Task[list[Facility]]] = set()
 
     def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None
@@ -253,8 +259,10 @@ class Gateway:
 
     async def _locate(self, pseudonym: bytes) -> tuple[list[Facility], str]:
         """Holders from the registry, or remembered ones with a note saying so."""
+        known = self._recent.recall(pseudonym)
+        patience_s = None if known is None else PROBE_PATIENCE_S
         try:
-            holders = await self._registry_locate(pseudonym)
+            holders = await self._registry_locate(pseudonym, patience_s)
         except Unavailable:
             known = self._recent.recall(pseudonym)
             if known is None:
@@ -262,14 +270,35 @@ class Gateway:
             holders, age_s = known
             log.warning("registry unreachable: asking holders as located %.0f s ago", age_s)
             return holders, f"{REGISTRY_DOWN} (holders as known {age_s:.0f} s ago)"
-        self._recent.remember(pseudonym, holders)
         return holders, ""
 
-    async def _registry_locate(self, pseudonym: bytes) -> list[Facility]:
-        """The registry's answer, unless it timed out lately (then Unavailable at once)."""
+    async def _registry_locate(
+        self, pseudonym: bytes, patience_s: float | None = None
+    ) -> list[Facility]:
+        """The registry's answer, unless it timed out lately (then Unavailable at once).
+
+        When this call is the probe of a registry that timed out and
+        ``patience_s`` is given, waits only that long (module doc).
+        """
         attempt = self._registry_health.admit(REGISTRY)
         if isinstance(attempt, NotAsked):
             raise Unavailable(f"the registry was {attempt.message}")
+        asking = self._ask_registry(attempt, pseudonym)
+        if not attempt.probe or patience_s is None:
+            return await asking
+        probe = asyncio.create_task(asking, name="registry-probe")
+        self._probes.add(probe)  # held until done: the loop keeps only weak references
+        probe.add_done_callback(_forget_probe(self._probes))
+        try:
+            async with asyncio.timeout(patience_s):
+                return await asyncio.shield(probe)
+        except TimeoutError:
+            raise Unavailable(
+                f"the registry is being retried and did not answer within {patience_s:g} s"
+            ) from None
+
+    async def _ask_registry(self, attempt: Attempt, pseudonym: bytes) -> list[Facility]:
+        """Ask the registry; tell its back-off how that went, remember what it said."""
         try:
             holders = await self._index.locate(pseudonym)
         except TimedOut as error:
@@ -283,6 +312,7 @@ class Gateway:
             raise
         if self._registry_health.answered(attempt):
             log.warning("the registry answers again")
+        self._recent.remember(pseudonym, holders)
         return holders
 
     async def _within_deadline(
@@ -422,6 +452,19 @@ def _document_ids(documents: list[DocumentRecord]) -> list[str]:
 def _no_ids(items: list[ClinicalItem]) -> list[str]:
     """A report's audit records name no documents; the holder logs the count."""
     return []
+
+
+def _forget_probe(
+    probes: set[asyncio.Task[list[Facility]]],
+) -> Callable[[asyncio.Task[list[Facility]]], None]:
+    """A done-callback that drops a finished probe; its failure was logged by the probe."""
+
+    def forget(probe: asyncio.Task[list[Facility]]) -> None:
+        probes.discard(probe)
+        if not probe.cancelled():
+            probe.exception()  # retrieved: its outcome is in the back-off already
+
+    return forget
 
 
 def check_requester(requester: Requester) -> None:

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from node import const as node_const
+from node import peer_health
 from node.consent_desk import ConsentDesk
 from node.gateway import REGISTRY_DOWN
 from node.ingest import ingest_file
@@ -412,6 +413,7 @@ async def test_a_hung_registry_costs_one_search_its_deadline_not_every_search(
     network: NetworkFactory, synthetic_bundles: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(node_const, "REGISTRY_DEADLINE_S", 2.0)
+    monkeypatch.setattr(peer_health, "FIRST_BACKOFF_S", 0.5)
     net = await network(n=2)
     plan = await net.load(synthetic_bundles)
     await net.consent_all(True)
@@ -429,6 +431,13 @@ async def test_a_hung_registry_costs_one_search_its_deadline_not_every_search(
             assert set(results) == set(before) and all(r.status == "ok" for r in results.values())
         assert timings[0] >= 2.0  # the first search waited for the registry ...
         assert timings[1] < 1.0  # ... the next did not: the registry backs off
+        await asyncio.sleep(0.6)  # the window ends: the next search is the probe ...
+        started = time.monotonic()
+        holders, results = await collect(net.client(0), known)
+        # ... and its clinician waits a moment for it, not the registry's deadline.
+        assert time.monotonic() - started < 1.5
+        assert holders.incomplete.startswith(REGISTRY_DOWN)
+        assert set(results) == set(before)
     finally:
         await hung.stop(0)
     await _restart_registry(net, address)
