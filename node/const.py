@@ -13,6 +13,9 @@ LOCATION_CACHE_S = 600.0
 LOCATION_CACHE_SIZE = 10_000
 #: Searches, reports and fetches one clinician may have running at a node at once.
 MAX_REQUESTS_PER_CLINICIAN = 16
+#: Calls one facility may have running at another's peer port at once: half
+#: of MAX_CONCURRENT_RPCS, so that no one facility can take every slot.
+MAX_CALLS_PER_FACILITY = 128
 #: Deadline of a whole document fetch through the gateway.
 FETCH_DEADLINE_S = 120.0
 

@@ -15,7 +15,6 @@ import grpc
 
 from node.answers import FacilityAnswer, FacilityItemsAnswer, Located, Requester
 from node.assertions import AssertionCheck
-from node.clinician_share import ClinicianShare
 from node.convert import (
     document_to_proto,
     facility_to_proto,
@@ -24,6 +23,7 @@ from node.convert import (
 )
 from node.gateway import Gateway
 from node.holder import Origin, RecordHolder
+from node.share import Share, clinician_share, facility_share
 from node.users import Clinicians
 from transmural.auth import current_caller
 from transmural.const import FETCH_PIECE_BYTES
@@ -41,9 +41,12 @@ GATEWAY_SERVICE = "transmural.v1.Gateway"
 class PeerServicer(peer_pb2_grpc.PeerServicer):
     """Other nodes' questions; the requester comes only from a verified assertion."""
 
-    def __init__(self, holder: RecordHolder, check: AssertionCheck) -> None:
+    def __init__(
+        self, holder: RecordHolder, check: AssertionCheck, share: Share | None = None
+    ) -> None:
         self._holder = holder
         self._check = check
+        self._share = share or facility_share()
 
     def _requester(
         self, signed: common_pb2.SignedAssertion, pseudonym: bytes, correlation_id: str
@@ -59,9 +62,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.FindDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.FindDocumentsResponse:
         requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
-        answer = await self._holder.find_documents(
-            request.pseudonym, requester, _origin(context, request.correlation_id)
-        )
+        origin = _origin(context, request.correlation_id)
+        with self._share.request(origin.node_id):
+            answer = await self._holder.find_documents(request.pseudonym, requester, origin)
         return peer_pb2.FindDocumentsResponse(
             status=status_to_proto(answer.status),
             documents=[document_to_proto(d) for d in answer.documents],
@@ -72,9 +75,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.FindItemsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.FindItemsResponse:
         requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
-        answer = await self._holder.find_items(
-            request.pseudonym, requester, _origin(context, request.correlation_id)
-        )
+        origin = _origin(context, request.correlation_id)
+        with self._share.request(origin.node_id):
+            answer = await self._holder.find_items(request.pseudonym, requester, origin)
         return peer_pb2.FindItemsResponse(
             status=status_to_proto(answer.status),
             items=[item_to_proto(i) for i in answer.items],
@@ -85,18 +88,17 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.FetchDocumentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.DocumentChunk]:
         requester = self._requester(request.assertion, request.pseudonym, request.correlation_id)
-        document, chunks = await self._holder.open_document(
-            request.pseudonym,
-            request.document_id,
-            requester,
-            _origin(context, request.correlation_id),
-        )
-        metadata: common_pb2.DocumentMetadata | None = document_to_proto(document)
-        async for data in chunks:
-            yield common_pb2.DocumentChunk(metadata=metadata, data=data)
-            metadata = None
-        if metadata is not None:  # an empty document still says what it is
-            yield common_pb2.DocumentChunk(metadata=metadata)
+        origin = _origin(context, request.correlation_id)
+        with self._share.request(origin.node_id):
+            document, chunks = await self._holder.open_document(
+                request.pseudonym, request.document_id, requester, origin
+            )
+            metadata: common_pb2.DocumentMetadata | None = document_to_proto(document)
+            async for data in chunks:
+                yield common_pb2.DocumentChunk(metadata=metadata, data=data)
+                metadata = None
+            if metadata is not None:  # an empty document still says what it is
+                yield common_pb2.DocumentChunk(metadata=metadata)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -108,11 +110,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         clinicians: Clinicians,
         national_system: str,
         organisation_id: str,
-        share: ClinicianShare | None = None,
+        share: Share | None = None,
     ) -> None:
         self._gateway = gateway
         self._clinicians = clinicians
-        self._share = share or ClinicianShare()
+        self._share = share or clinician_share()
         self._national_system = national_system
         self._organisation_id = organisation_id
 

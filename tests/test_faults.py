@@ -40,6 +40,7 @@ from tests.conftest import (
 )
 from tests.test_ingest import bundle_of, dutch_patient, note
 from tests.test_search import at_least, bsn_of
+from tests.test_share import held_fetch, store_large_document
 from tools.gateway_client import ClientError
 from transmural import pki, transport
 from transmural.const import MAX_MESSAGE_BYTES
@@ -255,22 +256,11 @@ async def test_a_clinician_who_goes_away_mid_fetch_frees_the_facility_at_once(
     holding its call slots and the asking node's memory."""
     monkeypatch.setattr(transport, "MAX_CONCURRENT_RPCS", 4)  # each server: 4 calls at once
     net = await network(n=2)
-    content = os.urandom(24 * 1024 * 1024)  # far more than the flow-control windows hold
-    bundle = tmp_path / "large.json"
-    bundle.write_text(json.dumps(bundle_of(
-        dutch_patient("big", "111222333"), note("scan", "big", base64.b64encode(content).decode())
-    )))  # fmt: skip
-    await ingest_file(net.nodes[1].store, bundle, net.pseudonymiser, BSN_SYSTEM)
-    await net.consent_all(True)
-    _, results = await collect(net.client(0), "111222333")
-    listed = next(d for d in results["node-2"].documents if d.size == len(content))
+    size = 24 * 1024 * 1024  # far more than the flow-control windows hold
+    _, document_id = await store_large_document(net, 1, tmp_path, size)
     client = net.client(0)
-    request = gateway_pb2.GatewayFetchRequest(
-        patient=common_pb2.PatientIdentifier(system=BSN_SYSTEM, value="111222333"),
-        node_id="node-2", document_id=listed.document_id, purpose_of_use="treatment",
-    )  # fmt: skip
     for _ in range(6):  # more fetches than the facility has slots
-        call = client._stub.FetchDocument(request, metadata=client._metadata)
+        call = held_fetch(client, "111222333", "node-2", document_id)
         assert (await call.read()).data  # the first piece arrived, then the clinician
         await asyncio.sleep(0.3)  # stopped reading (the gateway waits to send) ...
         call.cancel()  # ... and went away
@@ -281,8 +271,8 @@ async def test_a_clinician_who_goes_away_mid_fetch_frees_the_facility_at_once(
 
     await wait_for(facility_answers, within_s=10)
     out = io.BytesIO()
-    await client.fetch("111222333", "node-2", listed.document_id, out)
-    assert len(out.getvalue()) == len(content)
+    await client.fetch("111222333", "node-2", document_id, out)
+    assert len(out.getvalue()) == size
 
 
 SQL_LIKE = ["1' OR '1'='1", "111222333'; DROP TABLE patients; --", '"); DELETE FROM documents; --']
