@@ -45,6 +45,7 @@ from registry.network import init_network
 from tools import admin_audit, admin_consent, admin_ingest, bootstrap, devnet
 from tools import demo as demo_scenario
 from tools.admin_users import add_user, add_user_commands
+from tools.render import counted
 from tools.supervise import ProcessError, watch
 from transmural import pki
 from transmural.errors import ConfigError, TransmuralError
@@ -56,10 +57,6 @@ MAX_NODES = 50
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def _plural(count: int, noun: str) -> str:
-    return noun if count == 1 else f"{noun}s"
 
 
 def network_init(folder: Path, name: str) -> int:
@@ -98,7 +95,7 @@ async def revoke(db: Path, organisation_id: str) -> int:
         )
         return 1
     say(
-        f"revoked {len(serials)} {_plural(len(serials), 'certificate')} of {organisation_id} "
+        f"revoked {counted(len(serials), 'certificate')} of {organisation_id} "
         f"(serial {', '.join(serials)}); the registry refuses them within "
         f"{registry_const.REVOCATION_REFRESH_S:g} s"
     )

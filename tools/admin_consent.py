@@ -45,6 +45,7 @@ from node.consent_fhir import (
 )
 from node.records import PatientRecord
 from node.store import NodeStore
+from tools.render import counted
 from transmural.clock import SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound
 from transmural.identifiers import canonical, parse_token
@@ -244,7 +245,7 @@ async def _import(store: NodeStore, patient: PatientRecord, file: Path, recorded
         source=str(file),
     )  # fmt: skip
     await ConsentDesk(store).record(records, action="consent-import", by=getpass.getuser())
-    print(f"imported {len(records)} consent{'' if len(records) == 1 else 's'} from {file}:")
+    print(f"imported {counted(len(records), 'consent')} from {file}:")
     for record in records:
         print(f"  {describe(record)}, {_period(record)}")
     return 0

@@ -44,6 +44,7 @@ from node.config import NodeConfig
 from node.ingest import bundle_files, ingest_each
 from node.records import IngestReport
 from node.store import NodeStore
+from tools.render import counted
 from transmural.clock import SystemClock
 from transmural.errors import InvalidBundle
 from transmural.pseudonym import Pseudonymiser, read_network_key
@@ -121,9 +122,10 @@ def _plan(path: Path) -> _Path:
 
 def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
     return (
-        f"{len(reports)} bundles from {source}: {sum(r.patients for r in reports)} "
-        f"patients, {sum(r.resources for r in reports)} resources, "
-        f"{sum(r.documents for r in reports)} documents"
+        f"{counted(len(reports), 'bundle')} from {source}: "
+        f"{counted(sum(r.patients for r in reports), 'patient')}, "
+        f"{counted(sum(r.resources for r in reports), 'resource')}, "
+        f"{counted(sum(r.documents for r in reports), 'document')}"
         + (f"; {len(refused)} refused" if refused else "")
     )
 
@@ -196,13 +198,9 @@ def _skipped(folder: Path) -> str:
             folders += 1
         elif entry.suffix.lower() != ".json" or entry.name.startswith("."):
             files += 1
-    parts = [f"{files} {_plural(files, 'file')} not *.json or hidden"] if files else []
-    parts += [f"{folders} {_plural(folders, 'sub-folder')}"] if folders else []
+    parts = [f"{counted(files, 'file')} not *.json or hidden"] if files else []
+    parts += [counted(folders, "sub-folder")] if folders else []
     return f"; skipped {' and '.join(parts)}" if parts else ""
-
-
-def _plural(count: int, noun: str) -> str:
-    return noun if count == 1 else f"{noun}s"
 
 
 async def _audit_start(store: NodeStore, item: _Path) -> None:
@@ -229,8 +227,10 @@ async def _audit_ingest(
             action="ingest",
             outcome="error" if refused else "granted",
             side="local",
-            outcome_reason=f"{len(reports)} bundles ({patients} patients) from {path}"
-            + (f"; {len(refused)} refused" if refused else ""),
+            outcome_reason=(
+                f"{counted(len(reports), 'bundle')} ({counted(patients, 'patient')}) from {path}"
+                + (f"; {len(refused)} refused" if refused else "")
+            ),
             clinician_id=getpass.getuser(),
         )
     )

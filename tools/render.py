@@ -48,9 +48,9 @@ def facility_line(result: FacilityResult | FacilityItems) -> str:
     if result.status != "ok":
         detail = result.message
     elif isinstance(result, FacilityItems):
-        detail = _count(len(result.items), "entry", "entries")
+        detail = counted(len(result.items), "entry", "entries")
     else:
-        detail = _count(len(result.documents), "document")
+        detail = counted(len(result.documents), "document")
     if result.status == "ok" and result.message:  # e.g. the registry was unreachable
         detail = f"{detail} ({result.message})"
     return (
@@ -203,7 +203,7 @@ def holders_line(holders: Holders) -> str:
     if holders.node_ids:
         count = len(holders.node_ids)
         verb = "holds" if count == 1 else "hold"
-        line = f"{_count(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
+        line = f"{counted(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
     else:
         line = "No facility in the network knows this patient."
     return f"Warning: {holders.incomplete}.\n{line}" if holders.incomplete else line
@@ -237,7 +237,8 @@ def search_json(identifier: str, holders: Holders | None, results: list[Facility
     }
 
 
-def _count(n: int, word: str, plural: str = "") -> str:
+def counted(n: int, word: str, plural: str = "") -> str:
+    """ "1 bundle", "2 bundles": a count as people write it (``plural`` when not word + s)."""
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
