@@ -234,3 +234,16 @@ async def test_report_end_to_end_tables_json_and_fhir(
     assert code == 0, err
     assert "Live report for" in out and "Encounters" in out
     assert all(node_id in out for node_id in answered)
+
+
+def test_an_empty_option_is_an_error_not_the_files_value(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--token "$TOKEN"`` with TOKEN unset must not quietly send the saved token."""
+    config = tmp_path / "client.json"
+    code, _, _ = run(capsys, "login", "--config", str(config), "--node", "127.0.0.1:1",
+                     "--token", "tmu1_saved", "--insecure-dev", "--no-check")  # fmt: skip
+    assert code == 0 and "tmu1_saved" in config.read_text()
+    for option in ("--token", "--node"):
+        code, _, err = run(capsys, "--config", str(config), option, "", "search", "111222333")
+        assert code == 2 and f"{option} is empty" in err, err

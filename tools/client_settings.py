@@ -109,7 +109,18 @@ def _environment() -> dict[str, str]:
     return {key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)}
 
 
+#: The option that sets each key, for errors.
+_OPTIONS = {"node": "--node", "node_id": "--node-id", "ca_certificate": "--ca", "token": "--token"}
+
+
 def _flags(given: Overrides) -> dict[str, str]:
+    """The options given; an empty one is an error, not a quiet fall-back to the file.
+
+    (``--token "$TOKEN"`` with TOKEN unset must not send the file's token instead.)
+    """
+    for key in KEYS:
+        if getattr(given, key) == "":
+            raise ClientError(f"{_OPTIONS[key]} is empty: give a value or leave the option out", 2)
     return {key: getattr(given, key) for key in KEYS if getattr(given, key)}
 
 
