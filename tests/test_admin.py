@@ -104,5 +104,28 @@ def test_ingest_file_refused_names_the_path_as_given(
     assert [(action, outcome) for action, outcome, _ in rows] == [
         ("ingest-start", "granted"), ("ingest", "error"),
     ]  # fmt: skip
-    assert "1 bundle files from in" in rows[0][2] and "1 refused" in rows[1][2]
+    assert "1 bundle file from in" in rows[0][2] and "1 refused" in rows[1][2]
     assert all("broken.json" not in reason for _, _, reason in rows)
+
+
+def test_ingest_of_many_files_given_is_one_batch_audited_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ingest data/*.json``: one summary, one audit pair, files refused by their own path."""
+    config = node_config(tmp_path)
+    folder = tmp_path / "bundles"
+    generate(folder, patients=3)
+    broken = folder / "zz-broken.json"
+    broken.write_text("not json")
+    given = sorted(str(f) for f in folder.glob("*.json"))
+
+    assert admin.main(["ingest", "--config", str(config), *given]) == 1
+    captured = capsys.readouterr()
+    assert f"refused: {broken}: " in captured.err
+    (summary,) = captured.out.strip().splitlines()
+    assert summary.startswith(f"3 bundles from {len(given)} files: 3 patients, "), summary
+    assert summary.endswith("; 1 refused")
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        rows = db.execute("SELECT action, outcome_reason FROM audit_log ORDER BY seq").fetchall()
+    assert [action for action, _ in rows] == ["ingest-start", "ingest"]
+    assert rows[0][1] == f"{len(given)} bundle files from {folder}"

@@ -1,13 +1,16 @@
 """``transmural-admin ingest``: load FHIR R4 bundles into a node, showing progress.
 
 Output contract (``tools/devnet.py`` shows the last line of the ingest log):
-stdout holds one summary line per PATH given, once all are loaded,
+stdout holds one summary line per folder given, once all are loaded,
 
     N bundles from PATH: P patients, R resources, D documents[; K refused][; skipped ...]
 
-and, when more than one PATH was given, a last line of the same form
-totalling them (``... from 2 paths in total: ...``). Each refused file is
-named on stderr with why (``refused: PATH: reason``) the moment it is refused.
+and one for the files given (``... from PATH`` for one, ``from K files`` for
+several: a shell glob of a thousand bundles is loaded as one batch, on every
+core, and audited once), and, when there was more than one such line, a last
+line of the same form totalling them (``... from 2 paths in total: ...``).
+Each refused file is named on stderr with why (``refused: PATH: reason``)
+the moment it is refused.
 
 Progress goes to stderr: a bar with bundles/s on a terminal; otherwise
 (a log file, a pipe) a plain line every ``PLAIN_PROGRESS_S`` seconds, so a
@@ -54,10 +57,11 @@ PLAIN_PROGRESS_S = 10.0
 
 
 @dataclass
-class _Path:
-    """One PATH as given: its bundle files, and what became of them."""
+class _Batch:
+    """One folder given, or the files given: its bundle files, and what became of them."""
 
-    path: Path
+    label: str  # as the summary names it
+    folder: Path  # as the audit names it: never a file name, which may be a patient's name
     is_dir: bool
     files: list[Path]
     reports: list[IngestReport] = field(default_factory=list)
@@ -71,20 +75,18 @@ async def ingest(
     out, err = out or sys.stdout, err or sys.stderr
     config = NodeConfig.load(config_path)
     pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
-    planned = [await asyncio.to_thread(_plan, p) for p in paths]
+    planned = await asyncio.to_thread(_plan, paths)
     store = await NodeStore.open(config.database)
     try:
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:
                 # Recorded first: an ingest killed half-way still left its trace.
                 await _audit_start(store, item)
-                await _ingest_path(store, item, pseudonymiser, config.national_system, progress)
-                # A file name may be a patient's name (Synthea): record its folder only.
-                folder = item.path if item.is_dir else item.path.parent
-                await _audit_ingest(store, folder, item.reports, item.refused)
+                await _ingest_batch(store, item, pseudonymiser, config.national_system, progress)
+                await _audit_ingest(store, item.folder, item.reports, item.refused)
         for item in planned:
-            skipped = await asyncio.to_thread(_skipped, item.path) if item.is_dir else ""
-            print(_summary(str(item.path), item.reports, item.refused) + skipped, file=out)
+            skipped = await asyncio.to_thread(_skipped, item.folder) if item.is_dir else ""
+            print(_summary(item.label, item.reports, item.refused) + skipped, file=out)
         if len(planned) > 1:
             every = [r for p in planned for r in p.reports]
             refused = [r for p in planned for r in p.refused]
@@ -95,29 +97,36 @@ async def ingest(
     return 1 if any(p.refused for p in planned) else 0
 
 
-async def _ingest_path(
+async def _ingest_batch(
     store: NodeStore,
-    item: _Path,
+    item: _Batch,
     pseudonymiser: Pseudonymiser,
     national_system: str,
     progress: _Progress,
 ) -> None:
-    """Ingest one PATH's files, noting each report or refusal on ``item`` as it comes."""
+    """Ingest one batch's files, noting each report or refusal on ``item`` as it comes."""
     results = ingest_each(store, item.files, pseudonymiser, national_system)
     async with contextlib.aclosing(results):
-        async for _, result in results:
+        async for file, result in results:
             if isinstance(result, InvalidBundle):
                 item.refused.append(result)
-                progress.say(f"refused: {_named(result, item.path, item.is_dir)}")
+                given = item.folder if item.is_dir else file
+                progress.say(f"refused: {_named(result, given, item.is_dir)}")
             else:
                 item.reports.append(result)
             progress.advance()
 
 
-def _plan(path: Path) -> _Path:
-    if path.is_dir():
-        return _Path(path, True, bundle_files(path))
-    return _Path(path, False, [path])
+def _plan(paths: list[Path]) -> list[_Batch]:
+    """A batch per folder given, then one for all the files given."""
+    batches = [_Batch(str(p), p, True, bundle_files(p)) for p in paths if p.is_dir()]
+    files = [p for p in paths if not p.is_dir()]
+    if len(files) == 1:
+        batches.append(_Batch(str(files[0]), files[0].parent, False, files))
+    elif files:
+        common = Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
+        batches.append(_Batch(f"{len(files)} files", common, False, files))
+    return batches
 
 
 def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
@@ -203,15 +212,14 @@ def _skipped(folder: Path) -> str:
     return f"; skipped {' and '.join(parts)}" if parts else ""
 
 
-async def _audit_start(store: NodeStore, item: _Path) -> None:
+async def _audit_start(store: NodeStore, item: _Batch) -> None:
     """An ingest is about to write: which folder, how many files (no patient data)."""
-    folder = item.path if item.is_dir else item.path.parent
     await AuditLog(store.database, SystemClock()).append(
         AuditRecord(
             action="ingest-start",
             outcome="granted",
             side="local",
-            outcome_reason=f"{len(item.files)} bundle files from {folder}",
+            outcome_reason=f"{counted(len(item.files), 'bundle file')} from {item.folder}",
             clinician_id=getpass.getuser(),
         )
     )
