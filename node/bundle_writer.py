@@ -66,6 +66,7 @@ class _BundleWriter:
         self._bundle = bundle
         self._skipped = list(bundle.skipped)
         self._keys: dict[str, int] = {}
+        self._new_patients = 0
 
     async def write(self) -> BundleWritten:
         resources = await self._conditional_creates(self._bundle.resources)
@@ -84,6 +85,7 @@ class _BundleWriter:
             published=published,
             unpublished=unpublished,
             skipped=self._skipped,
+            new_patients=self._new_patients,
         )
 
     async def _conditional_creates(self, resources: list[ResourceDraft]) -> list[ResourceDraft]:
@@ -152,6 +154,7 @@ class _BundleWriter:
                 )
                 key = cursor.lastrowid
                 assert key is not None
+                self._new_patients += 1
             else:
                 key = existing[0]
                 await self._db.execute(

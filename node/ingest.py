@@ -504,6 +504,7 @@ async def _write(store: NodeStore, draft: BundleDraft, started: float) -> Ingest
     report = IngestReport(
         file=draft.file,
         patients=written.patients,
+        new_patients=written.new_patients,
         resources=written.resources,
         documents=written.documents,
         published=written.published,

@@ -68,11 +68,14 @@ class IngestReport:
 
     ``unpublished`` counts patients stored without a national identifier
     (or without a network key), which the registry will not know of;
-    ``skipped`` holds one line per entry or attachment left out on purpose.
+    ``new_patients`` those this node did not hold before (a bundle loaded
+    again adds none); ``skipped`` holds one line per entry or attachment
+    left out on purpose.
     """
 
     file: str
     patients: int = 0
+    new_patients: int = 0
     resources: int = 0
     documents: int = 0
     published: int = 0
@@ -167,7 +170,7 @@ class BundleDraft:
 
 @dataclass(frozen=True, slots=True)
 class BundleWritten:
-    """What writing a bundle changed."""
+    """What writing a bundle changed (``new_patients``: not at this node before)."""
 
     patients: int
     resources: int
@@ -175,6 +178,7 @@ class BundleWritten:
     published: int
     unpublished: int
     skipped: list[str]
+    new_patients: int = 0
 
 
 @dataclass(frozen=True, slots=True)

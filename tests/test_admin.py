@@ -129,3 +129,16 @@ def test_ingest_of_many_files_given_is_one_batch_audited_once(
         rows = db.execute("SELECT action, outcome_reason FROM audit_log ORDER BY seq").fetchall()
     assert [action for action, _ in rows] == ["ingest-start", "ingest"]
     assert rows[0][1] == f"{len(given)} bundle files from {folder}"
+
+
+def test_ingest_again_says_no_patient_is_new(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    folder = tmp_path / "bundles"
+    generate(folder, patients=2)
+    assert admin.main(["ingest", "--config", str(config), str(folder)]) == 0
+    first = capsys.readouterr().out
+    assert ": 2 patients, " in first and "new to this node" not in first
+    assert admin.main(["ingest", "--config", str(config), str(folder)]) == 0
+    assert ": 2 patients (0 new to this node), " in capsys.readouterr().out

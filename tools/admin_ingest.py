@@ -130,9 +130,13 @@ def _plan(paths: list[Path]) -> list[_Batch]:
 
 
 def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
+    patients = sum(r.patients for r in reports)
+    new = sum(r.new_patients for r in reports)
     return (
-        f"{counted(len(reports), 'bundle')} from {source}: "
-        f"{counted(sum(r.patients for r in reports), 'patient')}, "
+        f"{counted(len(reports), 'bundle')} from {source}: {counted(patients, 'patient')}"
+        + ("" if new == patients else f" ({new} new to this node)")
+        + ", "
+        f"{counted(sum(r.resources for r in reports), 'resource')}, "
         f"{counted(sum(r.resources for r in reports), 'resource')}, "
         f"{counted(sum(r.documents for r in reports), 'document')}"
         + (f"; {len(refused)} refused" if refused else "")
