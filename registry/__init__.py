@@ -12,3 +12,5 @@
 - ``operator``: invite and revoke beside a running registry (``transmural-admin``).
 - ``cli``: the ``transmural-registry`` console script.
 """
+
+import transmural  # noqa: F401  (first: it quiets grpc's TLS chatter before grpc loads)
