@@ -71,10 +71,14 @@ class _BundleWriter:
     async def write(self) -> BundleWritten:
         resources = await self._conditional_creates(self._bundle.resources)
         published = unpublished = 0
+        unindexed: set[int] = set()
         for patient in self._bundle.patients:
             pseudonym, outbox = await self._upsert_patient(patient)
             published += sum(1 for _, withdrawn in outbox if not withdrawn)
             unpublished += pseudonym is None
+            if pseudonym is None:
+                unindexed.add(self._keys[patient.fhir_id])
+        patient_keys = frozenset(self._keys.values())
         await self._patient_keys(r.patient_fhir_id for r in resources)
         await self._write_resources(resources)
         documents = await self._write_documents(self._bundle.documents)
@@ -86,6 +90,8 @@ class _BundleWriter:
             unpublished=unpublished,
             skipped=self._skipped,
             new_patients=self._new_patients,
+            patient_keys=patient_keys,
+            unindexed_keys=frozenset(unindexed),
         )
 
     async def _conditional_creates(self, resources: list[ResourceDraft]) -> list[ResourceDraft]:

@@ -505,6 +505,8 @@ async def _write(store: NodeStore, draft: BundleDraft, started: float) -> Ingest
         file=draft.file,
         patients=written.patients,
         new_patients=written.new_patients,
+        patient_keys=written.patient_keys,
+        unindexed_keys=written.unindexed_keys,
         resources=written.resources,
         documents=written.documents,
         published=written.published,

@@ -69,8 +69,9 @@ class IngestReport:
     ``unpublished`` counts patients stored without a national identifier
     (or without a network key), which the registry will not know of;
     ``new_patients`` those this node did not hold before (a bundle loaded
-    again adds none); ``skipped`` holds one line per entry or attachment
-    left out on purpose.
+    again adds none), ``patient_keys`` and ``unindexed_keys`` which patients
+    they are (to count distinct ones over many bundles); ``skipped`` holds one line per entry or
+    attachment left out on purpose.
     """
 
     file: str
@@ -82,6 +83,8 @@ class IngestReport:
     unpublished: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    patient_keys: frozenset[int] = frozenset()
+    unindexed_keys: frozenset[int] = frozenset()
 
     def summary(self) -> str:
         """One line for a CLI (Synthea file names carry the patient's name: not for logs)."""
@@ -179,6 +182,8 @@ class BundleWritten:
     unpublished: int
     skipped: list[str]
     new_patients: int = 0
+    patient_keys: frozenset[int] = frozenset()
+    unindexed_keys: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

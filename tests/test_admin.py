@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -140,5 +141,25 @@ def test_ingest_again_says_no_patient_is_new(
     assert admin.main(["ingest", "--config", str(config), str(folder)]) == 0
     first = capsys.readouterr().out
     assert ": 2 patients, " in first and "new to this node" not in first
-    assert admin.main(["ingest", "--config", str(config), str(folder)]) == 0
-    assert ": 2 patients (0 new to this node), " in capsys.readouterr().out
+    assert admin.main(["ingest", "--config", str(config), str(folder), str(folder)]) == 0
+    *_, total = capsys.readouterr().out.strip().splitlines()
+    # The same two patients, counted once although each was loaded twice.
+    assert re.fullmatch(
+        r"4 bundles from 2 paths in total: 2 patients \(0 new to this node\), "
+        r"[1-9]\d* resources, \d+ documents",
+        total,
+    ), total
+
+
+def test_ingest_names_patients_no_other_facility_can_find(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    bundle = tmp_path / "no-bsn.json"
+    bundle.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1"}},
+    ]}))  # fmt: skip
+    assert admin.main(["ingest", "--config", str(config), str(bundle)]) == 0
+    summary = capsys.readouterr().out.strip()
+    assert summary.endswith("; 1 patient without a national identifier: not indexed, "
+                            "no other facility can find them"), summary  # fmt: skip

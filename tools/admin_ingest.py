@@ -130,16 +130,22 @@ def _plan(paths: list[Path]) -> list[_Batch]:
 
 
 def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
-    patients = sum(r.patients for r in reports)
+    """The summary line (module doc); patients are counted once however many bundles hold them."""
+    patients = len(frozenset().union(*(r.patient_keys for r in reports)))
     new = sum(r.new_patients for r in reports)
+    unindexed = len(frozenset().union(*(r.unindexed_keys for r in reports)))
     return (
         f"{counted(len(reports), 'bundle')} from {source}: {counted(patients, 'patient')}"
         + ("" if new == patients else f" ({new} new to this node)")
-        + ", "
-        f"{counted(sum(r.resources for r in reports), 'resource')}, "
-        f"{counted(sum(r.resources for r in reports), 'resource')}, "
-        f"{counted(sum(r.documents for r in reports), 'document')}"
+        + f", {counted(sum(r.resources for r in reports), 'resource')}"
+        + f", {counted(sum(r.documents for r in reports), 'document')}"
         + (f"; {len(refused)} refused" if refused else "")
+        + (
+            f"; {counted(unindexed, 'patient')} without a national identifier: not indexed, "
+            "no other facility can find them"
+            if unindexed
+            else ""
+        )
     )
 
 
