@@ -27,6 +27,7 @@ from transmural.process import (
     OneLineParser,
     add_serve_arguments,
     configure_logging,
+    given_path,
     serve_until_signalled,
 )
 
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_command = commands.add_parser("serve", help="run the node until SIGINT or SIGTERM")
     serve_command.add_argument(
-        "--config", type=Path, required=True, metavar="PATH", help="node TOML config file"
+        "--config", type=given_path, required=True, metavar="PATH", help="node TOML config file"
     )
     serve_command.add_argument(
         "--insecure-dev",

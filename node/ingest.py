@@ -184,7 +184,9 @@ def bundle_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise InvalidInput(f"{folder} is not a folder")
     files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() == ".json" and not p.name.startswith(".")
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".json" and not p.name.startswith(".") and not p.is_dir()
     )
     if not files:
         raise InvalidInput(f"{folder} holds no *.json bundles")

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from registry import const
 from registry.server import RegistryServer
@@ -36,6 +35,7 @@ from transmural.process import (
     OneLineParser,
     add_serve_arguments,
     configure_logging,
+    given_path,
     serve_until_signalled,
 )
 
@@ -51,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the registry until SIGINT or SIGTERM")
     serve.add_argument(
-        "--db", type=Path, required=True, metavar="PATH", help="SQLite database (created if new)"
+        "--db",
+        type=given_path,
+        required=True,
+        metavar="PATH",
+        help="SQLite database (created if new)",
     )
     serve.add_argument(
         "--network-dir",
-        type=Path,
+        type=given_path,
         metavar="DIR",
         help="the network folder made by `transmural-admin network init` (CA, keys)",
     )

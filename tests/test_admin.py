@@ -163,3 +163,51 @@ def test_ingest_names_patients_no_other_facility_can_find(
     summary = capsys.readouterr().out.strip()
     assert summary.endswith("; 1 patient without a national identifier: not indexed, "
                             "no other facility can find them"), summary  # fmt: skip
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ingest "$DATA"`` with DATA unset must not load whatever *.json is lying here."""
+    config = node_config(tmp_path)
+    generate(tmp_path / "here", patients=1)
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(["ingest", "--config", str(config), ""])
+    assert exit_.value.code == 2
+    assert "the path is empty" in capsys.readouterr().err
+    assert not (tmp_path / "node.db").exists()
+
+
+def test_a_folder_without_bundles_is_refused_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "inner.json").mkdir()  # a folder, whatever its name
+    generate(tmp_path / "bundles", patients=2)
+    paths = [str(tmp_path / "empty"), str(tmp_path / "bundles")]
+
+    assert admin.main(["ingest", "--config", str(config), *paths]) == 1
+    captured = capsys.readouterr()
+    assert f"refused: {tmp_path / 'empty'} holds no *.json bundles" in captured.err
+    assert "Is a directory" not in captured.err
+    lines = captured.out.strip().splitlines()
+    assert lines[0].endswith("; 1 refused; skipped 1 sub-folder"), lines
+    assert lines[1].startswith(f"2 bundles from {tmp_path / 'bundles'}: 2 patients, "), lines
+
+
+def test_a_file_name_cannot_fake_a_line_or_drive_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "a\nrefused: nothing, all good\n\x1b[32mOK.json").write_text("not json")
+
+    assert admin.main(["ingest", "--config", str(config), str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "a\\nrefused: nothing, all good\\n\\x1b[32mOK.json" in err
+    assert "\x1b" not in err and not any(
+        line.startswith("refused: nothing") for line in err.splitlines()
+    )

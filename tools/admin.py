@@ -50,7 +50,7 @@ from tools.supervise import ProcessError, watch
 from transmural import pki
 from transmural.errors import ConfigError, TransmuralError
 from transmural.identifiers import BSN_SYSTEM
-from transmural.process import OneLineParser
+from transmural.process import OneLineParser, given_path
 
 MAX_NODES = 50
 
@@ -225,10 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     i = sub.add_parser("ingest", help="load FHIR R4 bundles (files or folders) into a node")
-    i.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+    i.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     i.add_argument(
         "paths",
-        type=Path,
+        type=given_path,
         nargs="+",
         metavar="PATH",
         help="a bundle file, or a folder whose *.json files are loaded (sub-folders are not)",
@@ -254,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--data",
-        type=Path,
+        type=given_path,
         metavar="DIR",
         help="folder of FHIR R4 bundles to spread over the nodes (default: synthetic Dutch data)",
     )
@@ -265,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--workdir",
-        type=Path,
+        type=given_path,
         metavar="DIR",
         help="working folder, made owner-only (default: a new temp folder)",
     )
@@ -299,7 +299,7 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "folder 0700). Refuses a folder that already holds a network.",
     )
     init.add_argument(
-        "--dir", type=Path, required=True, metavar="DIR", help="the new network folder"
+        "--dir", type=given_path, required=True, metavar="DIR", help="the new network folder"
     )
     init.add_argument(
         "--name", default="Transmural", help="the network's name (default %(default)s)"
@@ -311,10 +311,14 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "on stdout (nothing else). Give the token to the facility; it runs `join`.",
     )
     i.add_argument(
-        "--network-dir", type=Path, required=True, metavar="DIR", help="the network folder"
+        "--network-dir", type=given_path, required=True, metavar="DIR", help="the network folder"
     )
     i.add_argument(
-        "--db", type=Path, required=True, metavar="REGISTRY_DB", help="the registry's database"
+        "--db",
+        type=given_path,
+        required=True,
+        metavar="REGISTRY_DB",
+        help="the registry's database",
     )
     i.add_argument("--org-id", required=True, metavar="ID", help="organisation id (URA, AGB)")
     i.add_argument("--org-name", required=True, metavar="NAME", help="organisation name")
@@ -350,7 +354,11 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "learn it from the registry.",
     )
     r.add_argument(
-        "--db", type=Path, required=True, metavar="REGISTRY_DB", help="the registry's database"
+        "--db",
+        type=given_path,
+        required=True,
+        metavar="REGISTRY_DB",
+        help="the registry's database",
     )
     r.add_argument("--org-id", required=True, metavar="ID", help="the organisation to revoke")
     j = sub.add_parser(
@@ -361,7 +369,9 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "node.toml into NODE_DIR; refuses a folder that already holds a joined node.",
     )
     j.add_argument("token", metavar="TOKEN", help="the invite token from the operator")
-    j.add_argument("--dir", type=Path, required=True, metavar="NODE_DIR", help="the node's folder")
+    j.add_argument(
+        "--dir", type=given_path, required=True, metavar="NODE_DIR", help="the node's folder"
+    )
     j.add_argument(
         "--discover-on",
         nargs="+",

@@ -35,6 +35,7 @@ from node.store import NodeStore
 from transmural.clock import SystemClock
 from transmural.errors import ConfigError, Unavailable
 from transmural.identifiers import Identifier, canonical_system, parse_token
+from transmural.process import given_path
 from transmural.pseudonym import Pseudonymiser, read_network_key
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:
         "the count printed here to compare with the next run.",
     )
     verify.add_argument(
-        "--db", type=Path, required=True, metavar="NODE_DB", help="the node's database file"
+        "--db", type=given_path, required=True, metavar="NODE_DB", help="the node's database file"
     )
     export = actions.add_parser(
         "export",
@@ -62,7 +63,7 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:
         description="Every audit record about one patient at this node (by local id or "
         "pseudonym), oldest first, as a table or JSON. Logged itself as 'audit-export'.",
     )
-    export.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+    export.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     export.add_argument(
         "--patient", required=True, metavar="IDENTIFIER",
         help="system|value or a bare national identifier",

@@ -49,6 +49,7 @@ from tools.render import counted
 from transmural.clock import SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound
 from transmural.identifiers import canonical, parse_token
+from transmural.process import given_path
 
 #: A consent file larger than this is refused unread (a patient has a handful).
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
@@ -99,7 +100,7 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
     withdraw = actions.add_parser(
         "withdraw", help="withdraw a consent (it stays listed, marked withdrawn)"
     )
-    withdraw.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+    withdraw.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     withdraw.add_argument("consent_id", metavar="CONSENT_ID", help="c-... as `list` shows it")
     withdraw.add_argument(
         "--recorded-by", default=getpass.getuser(),
@@ -113,7 +114,7 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
         "each element that does not is named.",
     )
     _config_and_patient(imports)
-    imports.add_argument("file", type=Path, metavar="FILE.json", help="the FHIR JSON file")
+    imports.add_argument("file", type=given_path, metavar="FILE.json", help="the FHIR JSON file")
     imports.add_argument(
         "--recorded-by", default=IMPORTED_BY, metavar="NAME",
         help=f"recorded by, for Consents naming no performer (default {IMPORTED_BY!r})",
@@ -123,7 +124,7 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _config_and_patient(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+    parser.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     parser.add_argument("identifier", help="system|value or a bare national identifier")
 
 

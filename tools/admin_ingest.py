@@ -47,9 +47,9 @@ from node.config import NodeConfig
 from node.ingest import bundle_files, ingest_each
 from node.records import IngestReport
 from node.store import NodeStore
-from tools.render import counted
+from tools.render import counted, printable
 from transmural.clock import SystemClock
-from transmural.errors import InvalidBundle
+from transmural.errors import InvalidBundle, InvalidInput
 from transmural.pseudonym import Pseudonymiser, read_network_key
 
 #: Without a terminal, how often a plain progress line is written.
@@ -80,17 +80,20 @@ async def ingest(
     try:
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:
+                if not item.files:  # a folder with no bundles: nothing to load or audit
+                    progress.say(f"refused: {item.refused[0]}")
+                    continue
                 # Recorded first: an ingest killed half-way still left its trace.
                 await _audit_start(store, item)
                 await _ingest_batch(store, item, pseudonymiser, config.national_system, progress)
                 await _audit_ingest(store, item.folder, item.reports, item.refused)
         for item in planned:
             skipped = await asyncio.to_thread(_skipped, item.folder) if item.is_dir else ""
-            print(_summary(item.label, item.reports, item.refused) + skipped, file=out)
+            print(printable(_summary(item.label, item.reports, item.refused) + skipped), file=out)
         if len(planned) > 1:
             every = [r for p in planned for r in p.reports]
             refused = [r for p in planned for r in p.refused]
-            print(_summary(f"{len(planned)} paths in total", every, refused), file=out)
+            print(printable(_summary(f"{len(planned)} paths in total", every, refused)), file=out)
         out.flush()
     finally:
         await store.close()
@@ -118,8 +121,11 @@ async def _ingest_batch(
 
 
 def _plan(paths: list[Path]) -> list[_Batch]:
-    """A batch per folder given, then one for all the files given."""
-    batches = [_Batch(str(p), p, True, bundle_files(p)) for p in paths if p.is_dir()]
+    """A batch per folder given, then one for all the files given.
+
+    A folder with no bundles is refused on its own (named, the rest loaded).
+    """
+    batches = [_folder_batch(p) for p in paths if p.is_dir()]
     files = [p for p in paths if not p.is_dir()]
     if len(files) == 1:
         batches.append(_Batch(str(files[0]), files[0].parent, False, files))
@@ -127,6 +133,13 @@ def _plan(paths: list[Path]) -> list[_Batch]:
         common = Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
         batches.append(_Batch(f"{len(files)} files", common, False, files))
     return batches
+
+
+def _folder_batch(folder: Path) -> _Batch:
+    try:
+        return _Batch(str(folder), folder, True, bundle_files(folder))
+    except InvalidInput as empty:
+        return _Batch(str(folder), folder, True, [], refused=[InvalidBundle(str(empty))])
 
 
 def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBundle]) -> str:
@@ -178,6 +191,7 @@ class _Progress:
             self._bar.stop()
 
     def say(self, line: str) -> None:
+        line = printable(line)  # a file name may hold a newline or a terminal escape
         if self._bar is not None:
             self._bar.console.print(line, markup=False)
         else:

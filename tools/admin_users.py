@@ -7,11 +7,11 @@ clinician puts it in their client file (or TRANSMURAL_TOKEN).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from node.config import NodeConfig
 from node.store import NodeStore
 from node.users import DEFAULT_TOKEN_DAYS, ROLES, Clinicians
+from transmural.process import given_path
 
 
 def add_user_commands(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
         description="Add a clinician to a node's user store and print their bearer token "
         "on stdout, once. Adding an existing id replaces their token.",
     )
-    add.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+    add.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     add.add_argument("--id", dest="user_id", required=True, help="clinician id, e.g. dr.jansen")
     add.add_argument("--name", required=True, help="display name, e.g. 'Dr. J. Jansen'")
     add.add_argument("--role", required=True, choices=ROLES, help="role code")

@@ -43,7 +43,7 @@ from transmural import invite, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import ConfigError, InvalidInput, Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical_system
-from transmural.process import OneLineParser
+from transmural.process import OneLineParser, given_path
 
 #: Inside a registry's data folder: the network folder and the database.
 NETWORK_DIR = "network"
@@ -319,7 +319,7 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         f"DIR/{REGISTRY_DB} unless present; write <node id>{TOKEN_SUFFIX} (0600) into the "
         "invites folder for each --invite whose node has neither joined nor an open invite.",
     )
-    r.add_argument("--data", type=Path, required=True, metavar="DIR", help="registry folder")
+    r.add_argument("--data", type=given_path, required=True, metavar="DIR", help="registry folder")
     r.add_argument(
         "--join-address", required=True, metavar="HOST:PORT",
         help="the join port as nodes reach it (written into each token)",
@@ -329,7 +329,10 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         metavar="NODE_ID:ORG_ID:ORG_NAME", help="a node to invite (repeat for each)",
     )  # fmt: skip
     r.add_argument(
-        "--invites-dir", type=Path, metavar="DIR", help="where token files go (default DIR/invites)"
+        "--invites-dir",
+        type=given_path,
+        metavar="DIR",
+        help="where token files go (default DIR/invites)",
     )
     r.add_argument(
         "--name", default=DEFAULT_NETWORK_NAME, help="a new network's name (default %(default)s)"
@@ -341,8 +344,12 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         description=f"If DIR holds no {NODE_CONFIG}: join with the token in FILE and write "
         f"{NODE_CONFIG}. Otherwise keep the node as it is (the token is not needed).",
     )
-    n.add_argument("--data", type=Path, required=True, metavar="DIR", help="the node's folder")
-    n.add_argument("--token-file", type=Path, metavar="FILE", help="the invite token (first start)")
+    n.add_argument(
+        "--data", type=given_path, required=True, metavar="DIR", help="the node's folder"
+    )
+    n.add_argument(
+        "--token-file", type=given_path, metavar="FILE", help="the invite token (first start)"
+    )
     n.add_argument("--node-id", metavar="ID", help="refuse a token for another node id")
     n.add_argument(
         "--national-system", default=BSN_SYSTEM, metavar="URI",

@@ -237,8 +237,14 @@ def search_json(identifier: str, holders: Holders | None, results: list[Facility
     }
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a name from a
+    file or the network must not fake a line or drive the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def counted(n: int, word: str, plural: str = "") -> str:
-    """ "1 bundle", "2 bundles": a count as people write it (``plural`` when not word + s)."""
+    """A count as people write it: 1 bundle, 2 bundles (``plural`` when not word + s)."""
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
 

@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 from transmural.errors import InvalidBundle, InvalidIdentifier, InvalidInput
 from transmural.identifiers import BSN_SYSTEM, US_SSN_SYSTEM, canonical_system
+from transmural.process import given_path
 
 #: Resource types a patient bundle repeats for the providers it mentions;
 #: every node part of the bundle keeps them so its references still resolve.
@@ -408,8 +409,8 @@ def summary(plan: SpreadPlan) -> Iterable[str]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m tools.spread SOURCE TARGET...``: spread a folder of bundles."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("source", type=Path)
-    parser.add_argument("targets", type=Path, nargs="+")
+    parser.add_argument("source", type=given_path)
+    parser.add_argument("targets", type=given_path, nargs="+")
     args = parser.parse_args(argv)
     try:
         plan = spread(args.source, args.targets)

@@ -29,6 +29,7 @@ from typing import Any
 from tools import synthetic_codes as codes
 from transmural.errors import InvalidIdentifier
 from transmural.identifiers import BSN_SYSTEM, canonical_bsn
+from transmural.process import given_path
 
 URA_SYSTEM = "http://fhir.nl/fhir/NamingSystem/ura"
 UZI_SYSTEM = "http://fhir.nl/fhir/NamingSystem/uzi-nr-pers"
@@ -482,7 +483,7 @@ def _document(rng: random.Random, visit: _Visit, subject: Json, patient: Json) -
 def main(argv: list[str] | None = None) -> int:
     """``python -m tools.synthetic TARGET [--patients N] [--seed S]``."""
     parser = argparse.ArgumentParser(description="Write the demo's synthetic FHIR bundles.")
-    parser.add_argument("target", type=Path)
+    parser.add_argument("target", type=given_path)
     parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)

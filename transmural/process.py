@@ -84,6 +84,17 @@ def end_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def given_path(text: str) -> Path:
+    """A path from the command line (argparse ``type``): an empty one is an error.
+
+    ``Path("")`` is the current folder, so ``--data "$DATA"`` with DATA unset
+    would quietly work on whatever folder the command was started in.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty (an unset variable?)")
+    return Path(text)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, as every Transmural CLI error is."""
 
@@ -95,12 +106,12 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     """The flags every server's ``serve`` command takes."""
     serve.add_argument(
         "--ready-file",
-        type=Path,
+        type=given_path,
         metavar="PATH",
         help='write {"address", "pid"} as JSON here once serving',
     )
     serve.add_argument(
-        "--log-file", type=Path, metavar="PATH", help="append logs here instead of stderr"
+        "--log-file", type=given_path, metavar="PATH", help="append logs here instead of stderr"
     )
     serve.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="default INFO"
