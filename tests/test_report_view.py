@@ -5,7 +5,8 @@ FHIR specification). Its 8.x releases ship R5 (default), R4B (4.3.0) and
 STU3; the last release with R4 (4.0.1) models is 6.4.0, on pydantic 1. R4B
 is a small release on top of R4 that left the resources a report holds
 (Condition, MedicationRequest, AllergyIntolerance, Observation, Encounter,
-Procedure, Immunization, Organization, Provenance, Bundle) as they were, so
+Procedure, Immunization, Organization, Provenance, OperationOutcome, Bundle)
+as they were, so
 ``fhir.resources.R4B`` checks R4 JSON for them: types, required elements,
 cardinality, choice types, and no unknown elements (it refuses any). It
 does not check terminology bindings or FHIRPath invariants; the test checks
@@ -27,7 +28,14 @@ from pydantic import ValidationError
 
 from tools.gateway_client import ClinicalItem, FacilityItems
 from tools.report_merge import SECTIONS, Report, merge
-from tools.report_view import SOURCE_URI, console_for, print_tables, report_fhir, report_json
+from tools.report_view import (
+    SOURCE_URI,
+    STATUS_SYSTEM,
+    console_for,
+    print_tables,
+    report_fhir,
+    report_json,
+)
 from tools.synthetic import generate
 
 SECTION_OF = {
@@ -147,6 +155,86 @@ def test_the_validator_refuses_what_r4_refuses(report: Report) -> None:
     del condition["resource"]["subject"]  # 1..1 in R4
     with pytest.raises(ValidationError, match="subject"):
         Bundle.model_validate(bundle)
+
+
+def outcomes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "OperationOutcome"
+    ]
+
+
+def test_a_complete_report_has_no_operation_outcome() -> None:
+    """Every facility answered ok and the registry too: the bundle stays as it was."""
+    complete = merge(
+        [FacilityItems("gp", "Huisartsenpraktijk De Linde", "ok", 40, "", "URA-1",
+                       [as_item(PROCEDURE)])],
+        patient="999911120",
+    )  # fmt: skip
+    bundle = report_fhir(complete)
+    Bundle.model_validate_json(json.dumps(bundle))
+    assert outcomes(bundle) == []
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == [
+        "Procedure", "Organization", "Provenance",
+    ]  # fmt: skip
+
+
+def test_a_saved_bundle_says_what_it_may_lack() -> None:
+    """Registry down (remembered holders) and one facility unreachable: both are in the file,
+    not only on stderr, so whoever reads the saved bundle later knows it may be incomplete."""
+    reason = "registry unreachable: results may be incomplete"
+    report = merge(
+        [
+            FacilityItems("gp", "Huisartsenpraktijk De Linde", "ok", 40, reason, "URA-1",
+                          [as_item(PROCEDURE)]),
+            FacilityItems("hospital", "Ziekenhuis Noord", "unreachable", 3000,
+                          "connection refused", "URA-2"),
+        ],
+        patient="999911120",
+        incomplete=reason,
+    )  # fmt: skip
+    bundle = report_fhir(report)
+    parsed = Bundle.model_validate_json(json.dumps(bundle))
+    assert parsed.entry[0].resource.get_resource_type() == "OperationOutcome", "read first"
+    (outcome,) = outcomes(bundle)
+    assert bundle["entry"][0]["fullUrl"] == f"urn:uuid:{outcome['id']}"
+    registry, hospital = outcome["issue"]
+    assert registry == {"severity": "warning", "code": "incomplete", "diagnostics": reason}
+    assert hospital == {
+        "severity": "warning",
+        "code": "transient",
+        "details": {
+            "coding": [{"system": STATUS_SYSTEM, "code": "unreachable"}],
+            "text": "hospital (Ziekenhuis Noord, URA-2): unreachable",
+        },
+        "diagnostics": "connection refused",
+    }
+    # The facility that answered is vouched for as before; the one that did not is named only
+    # in the outcome (no Organization: it contributed nothing).
+    names = [e["resource"]["name"] for e in bundle["entry"]
+             if e["resource"]["resourceType"] == "Organization"]  # fmt: skip
+    assert names == ["Huisartsenpraktijk De Linde"]
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code"),
+    [
+        ("timeout", "", "timeout"),
+        ("consent-denied", "", "forbidden"),
+        ("no-record", "", "not-found"),
+        ("error", "internal error", "exception"),
+        ("something-new", "", "exception"),
+    ],
+)
+def test_each_facility_status_is_an_r4_issue_type(status: str, message: str, code: str) -> None:
+    report = merge([FacilityItems("node-3", "", status, 5, message)])
+    bundle = report_fhir(report)
+    Bundle.model_validate_json(json.dumps(bundle))
+    ((issue,),) = [o["issue"] for o in outcomes(bundle)]
+    assert issue["code"] == code and issue["details"]["coding"][0]["code"] == status
+    assert issue["details"]["text"] == f"node-3: {status}"
+    assert issue["diagnostics"] == message or (not message and issue["diagnostics"].strip())
 
 
 def test_json_schema_keys_are_stable(report: Report) -> None:

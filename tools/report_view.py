@@ -40,6 +40,24 @@ counts entries left out (see ``tools.report_merge``).
 
 Entries are addressed by ``urn:uuid`` full URLs derived from (node id,
 resource id), because two facilities may hold copies under the same id.
+
+What is *missing* is said too, so a saved bundle cannot pass for complete:
+when the report may be incomplete or some facility asked did not answer
+``ok``, the bundle's first entry is one ``OperationOutcome`` with one
+``issue`` (severity ``warning``) per problem (``_outcome``):
+
+- ``report.incomplete`` (registry unreachable, holders as last located):
+  code ``incomplete``, ``diagnostics`` = that reason;
+- each facility not ``ok``: code from ``ISSUE_CODES`` (``timeout``,
+  ``unreachable`` -> ``transient``, ``consent-denied`` -> ``forbidden``,
+  ``no-record`` -> ``not-found``, anything else -> ``exception``);
+  ``details.coding`` = the facility's own status (system ``STATUS_SYSTEM``),
+  ``details.text`` = ``<node id> (<organisation>, <organisation id>): <status>``,
+  ``diagnostics`` = the facility's message (a stock phrase when it sent none).
+
+``expression`` and ``location`` point into a resource, and a facility is
+not one, hence ``details``. A complete report (no ``incomplete``, every
+facility ``ok``) has no ``OperationOutcome``.
 """
 
 from __future__ import annotations
@@ -64,6 +82,23 @@ SOURCE_URI = "urn:transmural:node:"
 #: Numbers with this many decimals are shortened in tables (JSON and FHIR keep them whole).
 _LONG_DECIMAL = re.compile(r"-?\d+\.\d{4,}")
 _NAMESPACE = uuid.UUID("5d1c0c64-2a8e-4d0a-9a57-6f1d3e6f0b11")  # for stable full URLs
+#: FHIR R4 issue-type (http://hl7.org/fhir/issue-type) for a facility that did not answer ok.
+ISSUE_CODES = {
+    "timeout": "timeout",
+    "unreachable": "transient",
+    "consent-denied": "forbidden",
+    "no-record": "not-found",
+    "error": "exception",
+}
+#: System of ``OperationOutcome.issue.details.coding``: a facility's status as ``--json`` has it.
+STATUS_SYSTEM = "urn:transmural:facility-status"
+#: ``diagnostics`` of a facility that sent no message.
+_STOCK_DIAGNOSTICS = {
+    "timeout": "no answer before the deadline",
+    "unreachable": "the facility could not be reached",
+    "consent-denied": "the patient's consent at this facility refused the request",
+    "no-record": "the facility holds no record of this patient",
+}
 
 TITLES = {
     "problems": ("Problems", "condition"),
@@ -296,6 +331,9 @@ def report_fhir(report: Report, now: datetime | None = None) -> dict[str, Any]:
         entries.append({"fullUrl": _urn(node_id, "Provenance"),
                         "resource": _provenance(node_id, organisation, org_url,
                                                 targets[node_id], stamp)})  # fmt: skip
+    outcome = _outcome(report)
+    if outcome is not None:
+        entries.insert(0, {"fullUrl": f"urn:uuid:{outcome['id']}", "resource": outcome})
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -303,6 +341,31 @@ def report_fhir(report: Report, now: datetime | None = None) -> dict[str, Any]:
         "timestamp": stamp,
         "entry": entries,
     }
+
+
+def _outcome(report: Report) -> dict[str, Any] | None:
+    """What the bundle lacks, as an OperationOutcome (module docstring); None if nothing."""
+    issues: list[dict[str, Any]] = []
+    if report.incomplete:
+        issues.append({"severity": "warning", "code": "incomplete",
+                       "diagnostics": report.incomplete})  # fmt: skip
+    for f in report.facilities:
+        if f.status == "ok":
+            continue
+        named = ", ".join(n for n in (f.organisation, f.organisation_id) if n)
+        issues.append({
+            "severity": "warning",
+            "code": ISSUE_CODES.get(f.status, "exception"),
+            "details": {
+                "coding": [{"system": STATUS_SYSTEM, "code": f.status or "unknown"}],
+                "text": f"{f.node_id} ({named}): {f.status}" if named
+                        else f"{f.node_id}: {f.status}",
+            },
+            "diagnostics": f.message or _STOCK_DIAGNOSTICS.get(f.status, "the facility failed"),
+        })  # fmt: skip
+    if not issues:
+        return None
+    return {"resourceType": "OperationOutcome", "id": str(uuid.uuid4()), "issue": issues}
 
 
 def _resource(source: Source) -> dict[str, Any] | None:
