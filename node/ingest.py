@@ -77,6 +77,8 @@ SHARED_TYPES = frozenset(
 )
 #: Larger files are refused before they are parsed (Synthea's largest is 4 MB).
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+#: Longest integer a bundle may hold: FHIR's are 32 or 64 bits, its decimals a few dozen digits.
+MAX_INTEGER_DIGITS = 100
 #: How far into a file ``ingest_folder`` looks for the bundle type.
 _SNIFF_BYTES = 16 * 1024
 _SNIFF_TYPE = re.compile(r'"type"\s*:\s*"([a-z-]+)"')
@@ -286,7 +288,12 @@ def _load(path: Path) -> JSONObject:
     if len(raw) > MAX_BUNDLE_BYTES:
         raise InvalidBundle(f"{name}: larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        bundle = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        # Decoded here: json.loads on bytes would take a UTF-16 or UTF-32 file
+        # for JSON too, where FHIR JSON is UTF-8 (a UTF-8 byte order mark is let go).
+        text = raw.decode("utf-8-sig")
+        bundle = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer
+        )
     except UnicodeDecodeError:
         raise InvalidBundle(f"{name}: not JSON: not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -296,7 +303,7 @@ def _load(path: Path) -> JSONObject:
     except RecursionError:
         raise InvalidBundle(f"{name}: not JSON we accept: nested too deep") from None
     except ValueError as error:
-        # Python's limits and ours: over 4,300 digits, Infinity, NaN, 1e999.
+        # Our limits: NaN, Infinity, 1e999, integers too long.
         raise InvalidBundle(f"{name}: not JSON we accept: {error}") from None
     if not isinstance(bundle, dict):
         raise InvalidBundle(f"{name}: not a JSON object (a FHIR Bundle is one)")
@@ -306,6 +313,15 @@ def _load(path: Path) -> JSONObject:
 def _no_constant(name: str) -> float:
     """``json.loads``' hook for NaN and Infinity: JSON has no such numbers, nor FHIR."""
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _integer(text: str) -> int:
+    """``json.loads``' hook for integers: refuse one too long to mean anything, in our words
+    (Python's own refusal, past 4,300 digits, tells the reader to change an interpreter limit)."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise ValueError(f"an integer of {digits} digits (at most {MAX_INTEGER_DIGITS})")
+    return int(text)
 
 
 def _finite(text: str) -> float:
@@ -380,7 +396,10 @@ def _patient(
     national: Identifier | None = None
     identifiers: list[tuple[str, str]] = []
     items = resource.get("identifier")
-    for item in items if isinstance(items, list) else []:
+    if items is not None and not isinstance(items, list):
+        raise InvalidBundle(f'{where}: "identifier" is not a list')
+    for item in items or []:
+        _check_identifier_shape(where, item)
         pair = _pair(item)
         if pair is None:
             continue
@@ -418,6 +437,16 @@ def _patient(
         gender=gender if isinstance(gender, str) else "",
         identifiers=tuple(dict.fromkeys(identifiers)),
     )
+
+
+def _check_identifier_shape(where: str, item: Any) -> None:
+    """A patient's identifier in another shape than FHIR's (a BSN as a JSON number, say)
+    would be passed over, and the patient stored where no one can find them: refuse it."""
+    if not isinstance(item, dict):
+        raise InvalidBundle(f"{where}: an identifier is not a JSON object")
+    for key in ("system", "value"):
+        if key in item and not isinstance(item[key], str):
+            raise InvalidBundle(f'{where}: an identifier\'s "{key}" is not a JSON string')
 
 
 def _owner(resource: JSONObject, patients: Sequence[str]) -> str | None:

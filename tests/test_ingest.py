@@ -368,7 +368,27 @@ MALFORMED: dict[str, tuple[str | bytes, str]] = {
     ),
     "long-integer.json": (
         '{"resourceType": "Bundle", "type": "batch", "n": ' + "9" * 5000 + ', "entry": []}',
-        "not JSON we accept",
+        "not JSON we accept: an integer of 5000 digits (at most 100)",
+    ),
+    "bsn-as-number.json": (
+        json.dumps(
+            bundle_of(
+                {
+                    "resourceType": "Patient",
+                    "id": "p1",
+                    "identifier": [{"system": BSN_SYSTEM, "value": 123456782}],
+                }
+            )
+        ),
+        'entry 0 (Patient): an identifier\'s "value" is not a JSON string',
+    ),
+    "identifier-not-a-list.json": (
+        json.dumps(bundle_of({"resourceType": "Patient", "id": "p1", "identifier": "oops"})),
+        'entry 0 (Patient): "identifier" is not a list',
+    ),
+    "utf-16.json": (
+        '{"resourceType": "Bundle", "type": "batch", "entry": []}'.encode("utf-16"),
+        "not JSON: not UTF-8 text",
     ),
     "infinity.json": (
         '{"resourceType": "Bundle", "type": "batch", "n": 1e999, "entry": []}',

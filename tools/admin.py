@@ -224,7 +224,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    i = sub.add_parser("ingest", help="load FHIR R4 bundles (files or folders) into a node")
+    i = sub.add_parser(
+        "ingest",
+        help="load FHIR R4 bundles (files or folders) into a node",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes:\n"
+        "  0  every bundle was loaded (a bundle loaded before is loaded again: no duplicates)\n"
+        "  1  some file or folder was refused: each is named on stderr, the rest were loaded\n"
+        "  2  bad usage or configuration: nothing was loaded",
+    )
     i.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     i.add_argument(
         "paths",
