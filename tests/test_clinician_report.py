@@ -46,8 +46,10 @@ def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> N
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "Exit codes:" in out
-    for code in ("0", "1", "2", "3", "4"):
+    for code in ("0", "1", "2", "3", "4", "5"):
         assert f"\n  {code}  " in out
+    exit_5 = out.split("\n  5  ")[1]
+    assert "the network could not answer" in exit_5 and "registry" in exit_5
     for command in ("login", "search", "report", "fetch"):
         assert f"transmural {command}" in out
 
@@ -95,6 +97,29 @@ def test_search_bad_date_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         clinician.main(["search", "111222333", "--since", "23-11-2023"])
     assert exit_.value.code == 2
     assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_search_reversed_dates_exit_2_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """A reversed range matches nothing: saying "0 of 8 documents match" hides the typo."""
+    node = ["--node", "127.0.0.1:1", "--token", "t", "--insecure-dev"]
+    code, out, err = run(
+        capsys, *node, "search", "111222333", "--since", "2024-01-01", "--until", "2023-01-01"
+    )
+    assert code == 2 and out == "", err
+    assert "2024-01-01" in err and "2023-01-01" in err and "--since" in err
+    code, _, err = run(
+        capsys, *node, "search", "111222333", "--since", "2024-01-01", "--until", "2024-01-01"
+    )
+    assert code == 3, "one day (both inclusive) is a range: the node is asked"
+
+
+@pytest.mark.parametrize("text", ["", "  "])
+def test_search_empty_type_exit_2(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        clinician.main(["search", "111222333", "--type", text])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--type" in err and "empty" in err and err.count("\n") == 1
 
 
 def test_login_refuses_incomplete_or_broken_settings(
@@ -247,3 +272,25 @@ def test_an_empty_option_is_an_error_not_the_files_value(
     for option in ("--token", "--node"):
         code, _, err = run(capsys, "--config", str(config), option, "", "search", "111222333")
         assert code == 2 and f"{option} is empty" in err, err
+        code, _, err = run(capsys, "--config", str(config), option, " ", "search", "111222333")
+        assert code == 2 and f"{option} is blank" in err, err
+    # Path("") is the current folder: it must not be read (or blamed) as the client file.
+    for command in (["search", "111222333"], ["login", "--token", "t", "--no-check"]):
+        code, _, err = run(capsys, "--config", "", "--node", "127.0.0.1:1", "--insecure-dev",
+                           *command)  # fmt: skip
+        assert code == 2 and "--config is empty" in err, (command, err)
+
+
+@pytest.mark.parametrize(
+    "address", ["node.example", "node.example:http", ":7200", "node.example:0", "a b:7200"]
+)
+def test_a_node_address_must_be_host_port(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    """Bad input (exit 2) from a flag or the environment, not an unreachable node (exit 3)."""
+    code, _, err = run(capsys, "--node", address, "--token", "t", "--insecure-dev",
+                       "search", "111222333")  # fmt: skip
+    assert code == 2 and "is not HOST:PORT" in err, err
+    monkeypatch.setenv("TRANSMURAL_NODE", address)
+    code, _, err = run(capsys, "--token", "t", "--insecure-dev", "report", "111222333")
+    assert code == 2 and "is not HOST:PORT" in err, err

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.gateway_client import ClientError, GatewayClient, NodeAccess
+from tools.gateway_client import ClientError, GatewayClient, NodeAccess, split_address
 
 DEFAULT_FILE = Path("~/.config/transmural/client.json")
 KEYS = ("node", "node_id", "ca_certificate", "token")
@@ -37,9 +37,9 @@ ENVIRONMENT = {
 
 @dataclass(frozen=True)
 class Overrides:
-    """What the command line said (None: not given)."""
+    """What the command line said (None: not given; "" given empty)."""
 
-    config: Path | None = None
+    config: str | None = None
     node: str | None = None
     token: str | None = None
     ca_certificate: str | None = None
@@ -49,7 +49,7 @@ class Overrides:
 
 def node_access(given: Overrides) -> NodeAccess:
     """Merge file, environment and flags; ClientError (exit 2) naming what is missing."""
-    values = {**_read_file(given.config), **_environment(), **_flags(given)}
+    values = {**_read_file(_config(given)), **_environment(), **_flags(given)}
     return _access(values, given.insecure_dev)
 
 
@@ -79,7 +79,7 @@ async def login(given: Overrides, check: bool = True) -> str:
     says so. Returns what to tell the clinician.
     """
     settings, access = login_settings(given)
-    target = settings_path(given.config)
+    target = settings_path(_config(given))
     if check:
         client = GatewayClient(access)
         try:
@@ -105,6 +105,15 @@ def settings_path(explicit: Path | None) -> Path:
     return (named or DEFAULT_FILE).expanduser()
 
 
+def _config(given: Overrides) -> Path | None:
+    """``--config`` as a path; an empty one is an error (``Path("")`` is the current folder)."""
+    if given.config is None:
+        return None
+    if not given.config.strip():
+        raise ClientError("--config is empty: give a file or leave the option out", 2)
+    return Path(given.config)
+
+
 def _environment() -> dict[str, str]:
     return {key: os.environ[var] for key, var in ENVIRONMENT.items() if os.environ.get(var)}
 
@@ -114,13 +123,18 @@ _OPTIONS = {"node": "--node", "node_id": "--node-id", "ca_certificate": "--ca", 
 
 
 def _flags(given: Overrides) -> dict[str, str]:
-    """The options given; an empty one is an error, not a quiet fall-back to the file.
+    """The options given; an empty (or blank) one is an error, not a quiet fall-back to
+    the file.
 
     (``--token "$TOKEN"`` with TOKEN unset must not send the file's token instead.)
     """
     for key in KEYS:
-        if getattr(given, key) == "":
-            raise ClientError(f"{_OPTIONS[key]} is empty: give a value or leave the option out", 2)
+        value = getattr(given, key)
+        if value is not None and not value.strip():
+            empty = "empty" if value == "" else "blank"
+            raise ClientError(
+                f"{_OPTIONS[key]} is {empty}: give a value or leave the option out", 2
+            )
     return {key: getattr(given, key) for key in KEYS if getattr(given, key)}
 
 
@@ -131,6 +145,7 @@ def _named_by_environment() -> Path | None:
 def _access(values: dict[str, str], insecure_dev: bool) -> NodeAccess:
     if not values.get("node"):
         raise ClientError("no node given: use --node HOST:PORT, TRANSMURAL_NODE or --config", 2)
+    split_address(values["node"])  # bad input (exit 2), not an unreachable node
     token = values.get("token", "")
     if token and (not token.isascii() or not token.isprintable() or " " in token):
         raise ClientError("the clinician token has spaces or other characters a token never has", 2)
@@ -203,7 +218,6 @@ def add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> N
 
     parser.add_argument(
         "--config",
-        type=Path,
         default=default(None),
         metavar="FILE",
         help="client file with node, node_id, ca_certificate and token "

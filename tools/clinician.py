@@ -19,10 +19,15 @@ Exit codes:
   0  the search or report ran (each facility's status is shown, refusals
      included), the document was written, or the login was saved
   1  no facility knows the patient, or the network said no to a fetch (not
-     found, refused, a facility or the registry unreachable, checksum mismatch)
-  2  bad input (e.g. a BSN failing the 11-check; no node, token or CA given)
-  3  your node is not reachable (or is not your node: CA or node id differ)
+     found, consent refused, checksum mismatch)
+  2  bad input (e.g. a BSN failing the 11-check; no node, token or CA given;
+     a node address that is not HOST:PORT; --since after --until)
+  3  your node is not reachable: not running, not answering in time, or not
+     your node (its certificate is not from your CA or names another node)
   4  your token is not accepted (unknown or expired)
+  5  the network could not answer: the registry (or, for fetch, the facility)
+     was unreachable or did not answer in time; nothing is known about the
+     patient's records
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ async def report(
         incomplete=holders.incomplete if holders else "",
     )  # fmt: skip
     if merged.incomplete and output != "tables":
-        # The FHIR bundle has no place for it, and the JSON reader may not look: say it here too.
+        # The JSON and FHIR outputs carry it, but their reader may not look: say it here too.
         print(f"transmural: warning: {merged.incomplete}", file=sys.stderr)
     if output == "tables":
         print(file=out)
@@ -185,6 +190,12 @@ def _deadline_ms(text: str) -> int:
     return value
 
 
+def _type_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give the TEXT to look for, or leave it out")
+    return text
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -219,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine-readable output (schema in the README)"
     )
     s.add_argument(
-        "--type", default="", metavar="TEXT",
+        "--type", type=_type_text, metavar="TEXT",  # no default: argparse would check ""
         help="only documents whose type (display or code) or title contains TEXT",
     )  # fmt: skip
     s.add_argument("--since", type=_day, metavar="DATE", help="only documents from DATE on")
@@ -278,7 +289,7 @@ async def _run(args: argparse.Namespace) -> int:
     client = GatewayClient(node_access(_overrides(args)))
     try:
         if args.command == "search":
-            only = DocumentFilter(args.type, args.since, args.until)
+            only = DocumentFilter(args.type or "", args.since, args.until)
             results = await search(
                 client, args.identifier, args.purpose, args.json, sys.stdout, args.deadline_ms,
                 reason=args.reason, only=only,
@@ -350,6 +361,15 @@ async def _fetch_into(client: GatewayClient, args: argparse.Namespace, out: Bina
         progress.close()
 
 
+def _check_dates(since: date | None, until: date | None) -> None:
+    """A reversed range matches nothing: bad input, not "0 documents match"."""
+    if since is not None and until is not None and since > until:
+        raise ClientError(
+            f"--since {since} is after --until {until}: no document could match "
+            "(both dates are inclusive; swap them?)", 2,
+        )  # fmt: skip
+
+
 def _check_output(target: Path | None) -> None:
     """Refuse an unusable -o before asking the network for anything."""
     if target is None or str(target) == "-":
@@ -365,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             _check_output(args.output)
+        if args.command == "search":
+            _check_dates(args.since, args.until)
         return asyncio.run(_run(args))
     except ClientError as error:
         print(f"transmural: {error}", file=sys.stderr)

@@ -4,11 +4,22 @@ Used by the ``transmural`` command and by the demo; returns dataclasses
 and raises ``ClientError`` with a message fit for a terminal. ``search``
 and ``report`` stream the same way: first ``Holders`` (whom the registry
 listed), then one answer per facility as it arrives.
+
+Every call first waits for a connection to the node (``CONNECT_TIMEOUT_S``),
+and when there is none says which of three it is: nothing listens there,
+something answers without your network's certificate for that node id, or
+nothing answers in time (a hung node). Errors from the node itself carry
+``ERROR_ORIGIN_KEY`` (``transmural.status.from_server``): its UNAVAILABLE
+or DEADLINE_EXCEEDED means the registry or a facility behind it did not
+answer (exit 5), not that the node is unreachable (exit 3).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -35,6 +46,12 @@ STATUS_NAMES = {
 GATEWAY_SERVICE = "transmural.v1.Gateway"
 #: How long ``check`` waits for the node's health answer.
 CHECK_TIMEOUT_S = 5.0
+#: How long every call waits to connect to your node (TCP and TLS) before it
+#: says the node did not answer: grpc alone would wait 20 s, then blame the CA.
+CONNECT_TIMEOUT_S = 5.0
+
+#: Exit code when the network behind your node could not answer (registry or facility).
+NETWORK_UNAVAILABLE = 5
 
 #: Longest a search may take end to end: the node bounds each facility's
 #: answer (at most 30 s), so this only fires when the node itself hangs.
@@ -122,6 +139,23 @@ class Holders:
     incomplete: str = ""
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as host and port; ClientError (exit 2) otherwise."""
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (
+        not colon
+        or not host
+        or any(c.isspace() or not c.isprintable() for c in address)
+        or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    ):
+        raise ClientError(
+            f"the node address {address!r} is not HOST:PORT (e.g. node.example:7200)", 2
+        )
+    return host, int(port)
+
+
 def split_token(text: str) -> common_pb2.PatientIdentifier:
     """``system|value`` or a bare value (the node's national system).
 
@@ -154,14 +188,84 @@ class GatewayClient:
 
     def __init__(self, access: NodeAccess) -> None:
         self.address = access.address
+        self._access = access
         tls = None if access.ca_pem is None else transport.TlsFiles(access.ca_pem)
         server_name = pki.node_dns_name(access.node_id) if access.node_id else "localhost"
+        self._server_name = server_name
         self._channel = transport.open_channel(access.address, tls, server_name)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = (("authorization", f"Bearer {access.token}"),)
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def _connect(self) -> None:
+        """Return once the channel to the node is ready, else say why it is not.
+
+        Waits at most CONNECT_TIMEOUT_S (a node that accepts the connection
+        and never speaks: "did not answer in time"). When grpc's attempt
+        fails, one connection of our own tells why (``_why_not_connected``).
+        """
+        ready = grpc.ChannelConnectivity.READY
+        state = self._channel.get_state(try_to_connect=True)
+        if state is ready:
+            return
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                while state is not ready:
+                    if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                        raise await self._why_not_connected()
+                    await self._channel.wait_for_state_change(state)
+                    state = self._channel.get_state(try_to_connect=True)
+        except TimeoutError:
+            raise ClientError(
+                f"your node at {self.address} did not answer in time (no connection within "
+                f"{CONNECT_TIMEOUT_S:g} s): is it stopped, hung or overloaded?", 3,
+            ) from None  # fmt: skip
+
+    async def _why_not_connected(self) -> ClientError:
+        """Connect once ourselves (TCP, then TLS as grpc does) and say what failed.
+
+        grpc reports every failure to connect alike; Python's own socket and
+        TLS errors tell a node that is not running from one whose certificate
+        is not your network's or names another node.
+        """
+        host, port = split_address(self.address)
+        context = None
+        if self._access.ca_pem is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies chain and name
+            context.load_verify_locations(cadata=self._access.ca_pem.decode("ascii", "replace"))
+            context.set_alpn_protocols(["h2"])
+        unreachable = f"cannot reach your node at {self.address}"
+        try:
+            _, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=self._server_name if context else None
+            )
+        except ssl.SSLCertVerificationError as error:
+            return ClientError(
+                f"{self.address} is not your node: its certificate is not from your network's "
+                f"CA, or it is not node {self._access.node_id} ({error.verify_message})", 3,
+            )  # fmt: skip
+        except ssl.SSLError as error:
+            return ClientError(
+                f"{self.address} answers, but not with TLS as a Transmural gateway "
+                f"({error.reason or error}): is it your node's gateway port?", 3,
+            )  # fmt: skip
+        except ConnectionRefusedError:
+            return ClientError(
+                f"{unreachable}: connection refused (is the node running, and is that its "
+                "gateway port?)", 3,
+            )  # fmt: skip
+        except socket.gaierror:
+            return ClientError(f"{unreachable}: unknown host {host}", 3)
+        except OSError as error:
+            return ClientError(f"{unreachable}: {error.strerror or error}", 3)
+        writer.transport.abort()  # a polite TLS close could wait for the server
+        plain = " (does it run with TLS? leave out --insecure-dev)" if context is None else ""
+        return ClientError(
+            f"your node at {self.address} accepts connections, but gRPC over them failed: is "
+            f"that its gateway port{plain}?", 3,
+        )  # fmt: skip
 
     async def check(self) -> None:
         """Ask the standard gRPC health service whether the Gateway serves here.
@@ -171,6 +275,7 @@ class GatewayClient:
         gateway. It sends no token and touches no patient: the token is
         only checked by the first search or report, which is audited.
         """
+        await self._connect()
         stub = health_pb2_grpc.HealthStub(self._channel)
         request = health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE)
         try:
@@ -193,6 +298,7 @@ class GatewayClient:
         reason: str = "",
     ) -> AsyncIterator[Holders | FacilityResult]:
         request = _search_request(identifier, purpose, deadline_ms, reason)
+        await self._connect()
         try:
             async for event in self._stub.Search(
                 request, timeout=SEARCH_TIMEOUT_S, metadata=self._metadata
@@ -213,6 +319,7 @@ class GatewayClient:
     ) -> AsyncIterator[Holders | FacilityItems]:
         """The live report's fan-out: like ``search``, with structured entries per facility."""
         request = _search_request(identifier, purpose, deadline_ms, reason)
+        await self._connect()
         try:
             async for event in self._stub.Report(
                 request, timeout=SEARCH_TIMEOUT_S, metadata=self._metadata
@@ -252,6 +359,7 @@ class GatewayClient:
             reason=reason,
         )
         digest, size, metadata = hashlib.sha256(), 0, None
+        await self._connect()
         try:
             async for chunk in self._stub.FetchDocument(request, metadata=self._metadata):
                 if chunk.HasField("metadata") and metadata is None:
@@ -281,10 +389,14 @@ class GatewayClient:
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return ClientError(f"your node at {self.address} did not answer in time", 3)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                # Connected a moment ago (``_connect``): the connection broke.
                 return ClientError(
-                    f"cannot reach your node at {self.address}: is it running, and are the "
-                    "network CA and node id right?", 3,
+                    f"cannot reach your node at {self.address}: the connection failed or "
+                    "was lost (is it still running?)", 3,
                 )  # fmt: skip
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # Said by your node: the registry or a facility behind it did not answer.
+            return ClientError(detail or "the network did not answer", NETWORK_UNAVAILABLE)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent" in detail.lower():
             # grpc's own limit on calls in flight: the node is busy, not broken.
             return ClientError(
@@ -297,11 +409,7 @@ class GatewayClient:
             return ClientError(detail, 2)
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return ClientError(detail, 4)
-        if code in (
-            grpc.StatusCode.NOT_FOUND,
-            grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.UNAVAILABLE,
-        ):
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
             return ClientError(detail, 1)
         return ClientError(f"{code.name.lower()}: {detail or 'no detail'}", 1)
 
