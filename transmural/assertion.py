@@ -15,7 +15,6 @@ the pseudonym.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import json
 import math
@@ -138,7 +137,8 @@ def sign(
 
 
 def _payload(assertion: RequesterAssertion) -> bytes:
-    document: dict[str, Any] = dataclasses.asdict(assertion)
+    # Field by field: dataclasses.asdict deep-copies, and a gateway signs one per holder.
+    document: dict[str, Any] = {name: getattr(assertion, name) for name in _FIELDS}
     document["pseudonym"] = assertion.pseudonym.hex()
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
 
