@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import re
 
 import pytest
 
@@ -238,3 +240,31 @@ def test_an_ok_answer_with_a_warning_shows_it() -> None:
     )
     assert "may be incomplete" in facility_line(warned)
     assert "1 document" not in facility_line(warned) and "0 documents" in facility_line(warned)
+
+
+async def test_no_patient_identifier_or_name_reaches_the_logs_at_info(
+    network: NetworkFactory, synthetic_bundles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Search, report, fetch and a refusal, on every node: logs carry ids of documents,
+    nodes and correlation, never whom they are about."""
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 2)[0]
+    bsn = bsn_of(plan, fhir_id)
+    holding = net.nodes[plan.patients[fhir_id].nodes[0]]
+    patient = await holding.store.patient_by_identifier(canonical(BSN_SYSTEM, bsn))
+    assert patient is not None and patient.family
+    client = net.client(0)
+    with caplog.at_level(logging.INFO):
+        _, results = await collect(client, bsn)
+        async for _ in client.report(bsn):
+            pass
+        node_id, result = next((n, r) for n, r in results.items() if r.documents)
+        await client.fetch(bsn, node_id, result.documents[0].document_id, io.BytesIO())
+        with pytest.raises(ClientError):
+            await client.fetch(bsn, node_id, "DocumentReference/none", io.BytesIO())
+    logged = caplog.text
+    assert "search" in logged and "fetch" in logged  # the flows were logged at all
+    for secret in (bsn, patient.family, *patient.given.split()):
+        assert not re.search(rf"\b{re.escape(secret)}\b", logged), f"{secret!r} reached the logs"
