@@ -9,6 +9,7 @@ earlier one. Whatever is left out is named in ``BundleWritten.skipped``.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
@@ -67,6 +68,7 @@ class _BundleWriter:
         self._skipped = list(bundle.skipped)
         self._keys: dict[str, int] = {}
         self._new_patients = 0
+        self._kept_identifiers = 0
 
     async def write(self) -> BundleWritten:
         resources = await self._conditional_creates(self._bundle.resources)
@@ -92,6 +94,7 @@ class _BundleWriter:
             new_patients=self._new_patients,
             patient_keys=patient_keys,
             unindexed_keys=frozenset(unindexed),
+            kept_identifiers=self._kept_identifiers,
         )
 
     async def _conditional_creates(self, resources: list[ResourceDraft]) -> list[ResourceDraft]:
@@ -130,11 +133,30 @@ class _BundleWriter:
             return old[1]
         return None
 
+    def _keep_identifier(self, patient: PatientDraft, existing: sqlite3.Row) -> PatientDraft:
+        """A bundle without the national identifier this node knows the patient by.
+
+        Absent is not "withdrawn": an export that leaves the BSN out must not
+        take the patient out of the index, hiding every record here from the
+        network. The known identifier and pseudonym are kept (and counted, so
+        the admin hears of it); a different identifier still replaces it.
+        """
+        self._kept_identifiers += 1
+        known = Identifier(existing[1], existing[2])
+        return dataclasses.replace(
+            patient,
+            identifier=known,
+            pseudonym=None if existing[3] is None else bytes(existing[3]),
+            identifiers=tuple(dict.fromkeys(((known.system, known.value), *patient.identifiers))),
+        )
+
     async def _upsert_patient(
         self, patient: PatientDraft
     ) -> tuple[bytes | None, list[tuple[bytes, int]]]:
         """Insert or update one patient; returns its pseudonym and its outbox rows."""
         existing = await self._find_patient(patient)
+        if patient.identifier is None and existing is not None and existing[1] is not None:
+            patient = self._keep_identifier(patient, existing)
         old = None
         if existing is not None and existing[3] is not None:
             old = (Identifier(existing[1], existing[2]), bytes(existing[3]))

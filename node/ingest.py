@@ -538,6 +538,7 @@ async def _write(store: NodeStore, draft: BundleDraft, started: float) -> Ingest
         new_patients=written.new_patients,
         patient_keys=written.patient_keys,
         unindexed_keys=written.unindexed_keys,
+        kept_identifiers=written.kept_identifiers,
         resources=written.resources,
         documents=written.documents,
         published=written.published,

@@ -70,7 +70,9 @@ class IngestReport:
     (or without a network key), which the registry will not know of;
     ``new_patients`` those this node did not hold before (a bundle loaded
     again adds none), ``patient_keys`` and ``unindexed_keys`` which patients
-    they are (to count distinct ones over many bundles); ``skipped`` holds one line per entry or
+    they are (to count distinct ones over many bundles); ``kept_identifiers``
+    patients whose bundle had no national identifier, who keep the one this
+    node knew them by (``node.bundle_writer``); ``skipped`` holds one line per entry or
     attachment left out on purpose.
     """
 
@@ -85,6 +87,7 @@ class IngestReport:
     seconds: float = 0.0
     patient_keys: frozenset[int] = frozenset()
     unindexed_keys: frozenset[int] = frozenset()
+    kept_identifiers: int = 0
 
     def summary(self) -> str:
         """One line for a CLI (Synthea file names carry the patient's name: not for logs)."""
@@ -184,6 +187,7 @@ class BundleWritten:
     new_patients: int = 0
     patient_keys: frozenset[int] = frozenset()
     unindexed_keys: frozenset[int] = frozenset()
+    kept_identifiers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

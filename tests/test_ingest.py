@@ -516,6 +516,28 @@ async def test_patient_without_national_identifier_is_stored_but_not_published(
     assert patient.identifier is None and patient.pseudonym is None
 
 
+async def test_a_bundle_without_the_bsn_keeps_the_patient_findable(
+    store: NodeStore, tmp_path: Path
+) -> None:
+    """An export that leaves the BSN out must not take the patient out of the index."""
+    with_bsn, without = tmp_path / "with.json", tmp_path / "without.json"
+    with_bsn.write_text(json.dumps(bundle_of(dutch_patient("p1", "123456782"), note("n1", "p1"))))
+    without.write_text(
+        json.dumps(bundle_of({"resourceType": "Patient", "id": "p1"}, note("n2", "p1")))
+    )
+    await ingest_file(store, with_bsn, PSEUDONYMS, BSN_SYSTEM)
+    pending = await store.pending_index_count()
+    report = await ingest_file(store, without, PSEUDONYMS, BSN_SYSTEM)
+    assert (report.kept_identifiers, report.unpublished, report.new_patients) == (1, 0, 0)
+    (patient,) = await store.patients()
+    bsn = canonical(BSN_SYSTEM, "123456782")
+    assert patient.identifier == bsn and patient.pseudonym == PSEUDONYMS.pseudonym(bsn)
+    assert await store.pending_index_count() == pending  # no withdrawal queued
+    assert len(await store.documents_of(patient.patient_key)) == 2
+    found = await store.patient_by_identifier(bsn)
+    assert found is not None and found.patient_key == patient.patient_key
+
+
 async def test_no_patient_name_or_identifier_is_logged_above_debug(
     store: NodeStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

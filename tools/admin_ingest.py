@@ -147,12 +147,19 @@ def _summary(source: str, reports: list[IngestReport], refused: list[InvalidBund
     patients = len(frozenset().union(*(r.patient_keys for r in reports)))
     new = sum(r.new_patients for r in reports)
     unindexed = len(frozenset().union(*(r.unindexed_keys for r in reports)))
+    kept = sum(r.kept_identifiers for r in reports)
     return (
         f"{counted(len(reports), 'bundle')} from {source}: {counted(patients, 'patient')}"
         + ("" if new == patients else f" ({new} new to this node)")
         + f", {counted(sum(r.resources for r in reports), 'resource')}"
         + f", {counted(sum(r.documents for r in reports), 'document')}"
         + (f"; {len(refused)} refused" if refused else "")
+        + (
+            f"; {counted(kept, 'patient')} kept the national identifier known here "
+            "(their bundle had none)"
+            if kept
+            else ""
+        )
         + (
             f"; {counted(unindexed, 'patient')} without a national identifier: not indexed, "
             "no other facility can find them"
