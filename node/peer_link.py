@@ -205,7 +205,7 @@ class PeerChannels:
                 response = await pick(stub)(request, timeout=deadline_s, wait_for_ready=False)
         except grpc.aio.AioRpcError as error:
             if from_server(error):  # it answered, with a refusal or its own failure
-                return Status.ERROR, f"{error.code().name}: {error.details() or ''}", None
+                return Status.ERROR, _refusal(error), None
             return _PEER_STATUS.get(error.code(), Status.ERROR), _describe(error), None
         answered = status_from_proto(response.status)
         if answered not in (Status.OK, Status.NO_RECORD, Status.CONSENT_DENIED):
@@ -391,6 +391,14 @@ async def _next_chunk(
     return None if chunk is grpc.aio.EOF else chunk
 
 
+def _refusal(error: grpc.aio.AioRpcError) -> str:
+    """What a facility that answered with an error said; "busy" needs no status code."""
+    detail = error.details() or ""
+    if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and detail:
+        return detail
+    return f"{error.code().name}: {detail}"
+
+
 def _describe(error: grpc.aio.AioRpcError) -> str:
     code = error.code()
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -410,4 +418,4 @@ def _domain_error(facility: Facility, error: grpc.aio.AioRpcError) -> Transmural
         return PermissionDenied(f"{where}: {detail}")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"{where}: {detail}")
-    return Unavailable(f"{where}: {_describe(error)}")
+    return Unavailable(f"{where}: {_refusal(error) if from_server(error) else _describe(error)}")

@@ -64,7 +64,8 @@ def facility_share(limit: int | None = None) -> Share:
     return Share(
         const.MAX_CALLS_PER_FACILITY if limit is None else limit,
         lambda running: (
-            f"your facility already has {running} calls running at this node, the most "
-            "one facility may have at once"
+            f"busy: this facility is already answering {running} "
+            f"call{'' if running == 1 else 's'} from yours, the most "
+            "it takes from one facility at once; try again shortly"
         ),
     )

@@ -85,7 +85,7 @@ def test_a_facility_over_its_share_is_refused_saying_so() -> None:
     share = facility_share(limit=1)
     with share.request("node-1"):
         with (
-            pytest.raises(Overloaded, match="your facility already has 1 calls"),
+            pytest.raises(Overloaded, match="is already answering 1 call from yours"),
             share.request("node-1"),
         ):
             pass
@@ -132,11 +132,15 @@ async def test_one_facility_cannot_take_every_slot_at_another(
     try:
         for call in held:
             assert (await call.read()).data
-        with pytest.raises(ClientError, match="your facility already has 2 calls running"):
+        with pytest.raises(
+            ClientError, match="node-2: busy: this facility is already answering 2 calls from yours"
+        ):
             await net.client(0).fetch("111222333", "node-2", document_id, io.BytesIO())
         _, results = await collect(net.client(0), "111222333")
         assert results["node-2"].status == "error"
-        assert "your facility already has 2 calls running" in results["node-2"].message
+        assert results["node-2"].message.startswith(
+            "busy: this facility is already answering 2 calls from yours"
+        )
         # Another facility is served in full meanwhile.
         out = io.BytesIO()
         await net.client(2).fetch("111222333", "node-2", document_id, out)

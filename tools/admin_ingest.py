@@ -125,6 +125,7 @@ def _plan(paths: list[Path]) -> list[_Batch]:
 
     A folder with no bundles is refused on its own (named, the rest loaded).
     """
+    paths = _once_each(paths)
     batches = [_folder_batch(p) for p in paths if p.is_dir()]
     files = [p for p in paths if not p.is_dir()]
     if len(files) == 1:
@@ -133,6 +134,18 @@ def _plan(paths: list[Path]) -> list[_Batch]:
         common = Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
         batches.append(_Batch(f"{len(files)} files", common, False, files))
     return batches
+
+
+def _once_each(paths: list[Path]) -> list[Path]:
+    """The paths as given, each file or folder once (a folder given twice is loaded once)."""
+    seen: set[Path] = set()
+    kept = []
+    for path in paths:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
 
 
 def _folder_batch(folder: Path) -> _Batch:

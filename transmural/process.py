@@ -90,7 +90,7 @@ def given_path(text: str) -> Path:
     ``Path("")`` is the current folder, so ``--data "$DATA"`` with DATA unset
     would quietly work on whatever folder the command was started in.
     """
-    if not text.strip():
+    if not text:  # (" " is a name a file may have)
         raise argparse.ArgumentTypeError("the path is empty (an unset variable?)")
     return Path(text)
 
