@@ -339,6 +339,19 @@ class NodeStore:
                  user.expires_at),
             )  # fmt: skip
 
+    async def users(self) -> list[UserRecord]:
+        """Every clinician of this node, by id."""
+        rows = await self._db.fetch(
+            "SELECT user_id, display_name, role, expires_at FROM users ORDER BY user_id"
+        )
+        return [UserRecord(*row) for row in rows]
+
+    async def remove_user(self, user_id: str) -> bool:
+        """Remove a clinician (their token stops working at once); False if unknown."""
+        async with self._db.transaction("remove_user") as db:
+            cursor = await db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+            return cursor.rowcount > 0
+
     async def user_by_token_hash(self, token_hash: bytes) -> UserRecord | None:
         rows = await self._db.fetch(
             "SELECT user_id, display_name, role, expires_at FROM users WHERE token_hash = ?",

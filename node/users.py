@@ -2,7 +2,8 @@
 
 The gateway authenticates a clinician before it asks anyone anything: the
 thin client sends ``authorization: Bearer <token>``; the token was issued
-here by ``transmural-admin user add`` and only its SHA-256 is stored.
+here by ``transmural-admin user add`` and only its SHA-256 is stored;
+``user remove`` takes it away at once (``user list`` shows who has one).
 Single sign-on (SAML, OIDC) plugs in by replacing ``authenticate`` with a
 check of the identity provider's token that yields the same ``UserRecord``.
 """
@@ -16,7 +17,7 @@ import secrets
 from node.records import UserRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
-from transmural.errors import InvalidInput, Unauthenticated
+from transmural.errors import InvalidInput, NotFound, Unauthenticated
 
 #: Role codes a clinician may have (what a peer's consent rules can refer to).
 ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherapist")
@@ -53,6 +54,14 @@ class Clinicians:
         user = UserRecord(user_id, display_name.strip(), role, expires_at)
         await self._store.put_user(user, token_hash(token))
         return token
+
+    async def list(self) -> list[UserRecord]:
+        return await self._store.users()
+
+    async def remove(self, user_id: str) -> None:
+        """End a clinician's access (a leaked token, someone who left); NotFound if unknown."""
+        if not await self._store.remove_user(user_id):
+            raise NotFound(f"no clinician {user_id!r} at this node")
 
     async def authenticate(self, token: str) -> UserRecord:
         """The clinician a bearer token belongs to; Unauthenticated otherwise."""

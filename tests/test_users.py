@@ -109,3 +109,45 @@ def test_user_add_command_prints_a_working_token(tmp_path: Path) -> None:
             await store.close()
 
     assert asyncio.run(check()) == "nurse"
+
+
+def test_user_list_and_remove_commands(tmp_path: Path) -> None:
+    write_network_key(tmp_path / "network.key", new_network_key())
+    config = NodeConfig(
+        node_id="node-1", organisation_name="Test", registry="127.0.0.1:1",
+        database=tmp_path / "node.db", network_key_file=tmp_path / "network.key",
+        insecure_dev=True,
+    )  # fmt: skip
+    (tmp_path / "node.toml").write_text(config.to_toml(tmp_path))
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tools.admin", "user", *args,
+                               "--config", str(tmp_path / "node.toml")],
+                              capture_output=True, text=True)  # fmt: skip
+
+    for user_id in ("dr.a", "dr.b"):
+        assert (
+            admin("add", "--id", user_id, "--name", f"Dr. {user_id}", "--role", "nurse").returncode
+            == 0
+        )
+    listed = admin("list")
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["dr.a", "dr.b"]
+    assert "nurse" in listed.stdout and "expires" in listed.stdout
+    token_a = admin("add", "--id", "dr.a", "--name", "Dr. A", "--role", "nurse").stdout.strip()
+
+    removed = admin("remove", "--id", "dr.a")
+    assert removed.returncode == 0 and "removed dr.a" in removed.stdout
+    assert [line.split()[0] for line in admin("list").stdout.splitlines()] == ["dr.b"]
+    unknown = admin("remove", "--id", "dr.a")
+    assert unknown.returncode == 1 and "no clinician 'dr.a'" in unknown.stderr
+
+    async def refused() -> None:
+        store = await NodeStore.open(tmp_path / "node.db")
+        try:
+            with pytest.raises(Unauthenticated, match="not known"):
+                await Clinicians(store).authenticate(token_a)
+        finally:
+            await store.close()
+
+    asyncio.run(refused())

@@ -14,6 +14,7 @@
   transmural-admin consent add|list|withdraw|import|export --config NODE.toml ...
                           a patient's consent (FHIR Consent); see consent --help
   transmural-admin user add --config NODE.toml --id ID --name NAME --role ROLE
+  transmural-admin user list|remove --config NODE.toml [--id ID]   who may search; revoke one
   transmural-admin audit verify --db NODE_DB            check the audit log's hash chain
   transmural-admin audit export --config NODE.toml --patient ID [--json]  access history
   transmural-admin devnet [--nodes N] [--data DIR] [--workdir DIR] [--demo]
@@ -21,7 +22,8 @@
 Exit codes:
   0    done; devnet: stopped with Ctrl-C or SIGTERM, or the demo passed
   1    ingest: some file was refused (each is named); consent: no such
-       patient (or consent) at this node; revoke: nothing left to revoke; audit verify:
+       patient (or consent) at this node; user remove: no such clinician;
+       revoke: nothing left to revoke; audit verify:
        the chain is broken (the first problem is named); audit export: no
        such patient at this node; devnet: the registry exited while running,
        or the demo missed its goal
@@ -44,7 +46,7 @@ from registry import operator
 from registry.network import init_network
 from tools import admin_audit, admin_consent, admin_ingest, bootstrap, devnet
 from tools import demo as demo_scenario
-from tools.admin_users import add_user, add_user_commands
+from tools.admin_users import add_user_commands, run_user_command
 from tools.render import counted
 from tools.supervise import ProcessError, watch
 from transmural import pki
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bootstrap":
             return asyncio.run(bootstrap.run(args, say))
         if args.command == "user":
-            return asyncio.run(add_user(args))
+            return asyncio.run(run_user_command(args))
         if args.command == "audit":
             return asyncio.run(admin_audit.run(args))
         return run_devnet(args)

@@ -1,23 +1,30 @@
-"""``transmural-admin user add``: a clinician account on one node.
+"""``transmural-admin user add|list|remove``: clinician accounts on one node.
 
-Prints the clinician's bearer token once; only its hash is stored. The
-clinician puts it in their client file (or TRANSMURAL_TOKEN).
+``add`` prints the clinician's bearer token once; only its hash is stored.
+The clinician puts it in their client file (or TRANSMURAL_TOKEN). ``remove``
+ends a clinician's access at once (a leaked token, someone who left).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from datetime import UTC, datetime
 
 from node.config import NodeConfig
+from node.records import UserRecord
 from node.store import NodeStore
 from node.users import DEFAULT_TOKEN_DAYS, ROLES, Clinicians
+from tools.render import printable
+from transmural.errors import NotFound
 from transmural.process import given_path
 
 
 def add_user_commands(sub: argparse._SubParsersAction) -> None:
     users = sub.add_parser("user", help="clinician accounts on a node")
     actions = users.add_subparsers(
-        dest="user_command", required=True, metavar="ACTION", help="what to do: add"
+        dest="user_command", required=True, metavar="ACTION", help="add, list or remove"
     )
     add = actions.add_parser(
         "add",
@@ -33,14 +40,42 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
         "--days", type=int, default=DEFAULT_TOKEN_DAYS,
         help=f"days the token stays valid (default {DEFAULT_TOKEN_DAYS})",
     )  # fmt: skip
+    listing = actions.add_parser("list", help="every clinician of the node and when tokens expire")
+    listing.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
+    remove = actions.add_parser(
+        "remove", help="remove a clinician: their token stops working at once"
+    )
+    remove.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
+    remove.add_argument("--id", dest="user_id", required=True, help="the clinician's id")
 
 
-async def add_user(args: argparse.Namespace) -> int:
+async def run_user_command(args: argparse.Namespace) -> int:
+    """``user add|list|remove``; NotFound (exit 1) for an unknown clinician to remove."""
     config = NodeConfig.load(args.config)
     store = await NodeStore.open(config.database)
     try:
-        token = await Clinicians(store).add(args.user_id, args.name, args.role, args.days)
+        clinicians = Clinicians(store)
+        if args.user_command == "add":
+            print(await clinicians.add(args.user_id, args.name, args.role, args.days))
+        elif args.user_command == "list":
+            _print_users(await clinicians.list())
+        else:
+            await clinicians.remove(args.user_id)
+            print(f"removed {args.user_id}: their token no longer works at this node")
+    except NotFound as unknown:
+        print(f"transmural-admin: {unknown}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
-    print(token)
     return 0
+
+
+def _print_users(users: list[UserRecord]) -> None:
+    now = time.time()
+    for user in users:
+        expires = datetime.fromtimestamp(user.expires_at, UTC).strftime("%Y-%m-%d")
+        state = "expired" if user.expires_at <= now else "expires"
+        line = f"{user.user_id:<24} {user.role:<16} {state} {expires}  {user.display_name}"
+        print(printable(line))
+    if not users:
+        print("no clinicians at this node: add one with `transmural-admin user add`")
