@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+import pytest
 
 from tests.conftest import NetworkFactory, RunningNetwork
 from tests.test_search import at_least, bsn_of
-from transmural import pki
+from tools import gateway_client
+from tools.gateway_client import ClientError, GatewayClient, NodeAccess, search_timeout_s
+from transmural import pki, transport
+from transmural.v1 import common_pb2
 
 
 async def transmural(*args: str) -> tuple[int, str, str]:
@@ -191,11 +201,172 @@ async def test_gateway_refuses_a_client_trusting_another_ca(
     flags[5] = str(other_ca)
     code, _, err = await transmural(*flags, "search", "111222333")
     assert code == 3, err
-    assert "its certificate is not from your network's CA, or it is not node node-1" in err
+    assert "is not your node: its certificate is not from your network's CA" in err
+    assert "names another node" not in err and "node-1" not in err
     assert "running" not in err
 
     flags = signed_in(net)
     flags[7] = "node-9"
     code, _, err = await transmural(*flags, "report", "111222333")
     assert code == 3, err
-    assert "its certificate is not from your network's CA, or it is not node node-9" in err
+    assert "is not your node: its certificate names another node, not node-9" in err
+    assert "CA" not in err
+
+
+# --- a node that connects, then freezes (a real TLS gRPC server of the test's own) ---
+
+NODE_ID = "node-1"
+
+
+@dataclass
+class FakeNode:
+    """A gateway at ``address`` with a certificate for node-1 from its own CA."""
+
+    address: str
+    ca_pem: bytes
+    ca_file: Path
+
+    def access(self, token: str = "tmu1_test") -> NodeAccess:
+        return NodeAccess(self.address, token, self.ca_pem, NODE_ID)
+
+    def flags(self, node_id: str = NODE_ID, token: str = "tmu1_test") -> list[str]:
+        return ["--node", self.address, "--ca", str(self.ca_file), "--node-id", node_id,
+                "--token", token]  # fmt: skip
+
+
+@asynccontextmanager
+async def frozen_node(tmp_path: Path) -> AsyncIterator[FakeNode]:
+    """Search and Report send nothing, ever; FetchDocument sends one chunk, then nothing."""
+    released = asyncio.Event()
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await released.wait()
+        yield b""
+
+    async def one_chunk(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        chunk = common_pb2.DocumentChunk(data=b"first part")
+        chunk.metadata.document_id, chunk.metadata.size = "d1", 1000
+        yield chunk.SerializeToString()
+        await released.wait()
+
+    ca_key, ca_cert = pki.create_ca("Frozen")
+    key = pki.new_private_key()
+    cert = pki.issue_node_certificate(
+        ca_key, ca_cert, pki.make_csr(key, NODE_ID), NODE_ID, "URA-1", "Frozen hospital"
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "transmural.v1.Gateway", {
+            "Search": grpc.unary_stream_rpc_method_handler(hang),
+            "Report": grpc.unary_stream_rpc_method_handler(hang),
+            "FetchDocument": grpc.unary_stream_rpc_method_handler(one_chunk),
+        },
+    )])  # fmt: skip
+    tls = transport.TlsFiles(pki.pem(ca_cert), pki.pem(cert), pki.key_pem(key))
+    address = transport.bind(server, "127.0.0.1:0", tls, client_certificates=False)
+    await server.start()
+    ca_file = tmp_path / "frozen-ca.crt"
+    pki.write_certificate(ca_file, ca_cert)
+    try:
+        yield FakeNode(address, pki.pem(ca_cert), ca_file)
+    finally:
+        released.set()
+        await server.stop(0)
+
+
+async def test_a_node_freezing_mid_fetch_is_given_up_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connected, one chunk, then silence: the fetch ends (exit 3) after FETCH_IDLE_S
+    without a chunk, rather than never."""
+    monkeypatch.setattr(gateway_client, "FETCH_IDLE_S", 1.0)
+    async with frozen_node(tmp_path) as node:
+        client = GatewayClient(node.access())
+        out = io.BytesIO()
+        try:
+            async with asyncio.timeout(10):  # without the idle limit: forever
+                with pytest.raises(ClientError) as caught:
+                    await client.fetch("999940375", "node-2", "d1", out)
+        finally:
+            await client.close()
+    assert caught.value.exit_code == 3
+    assert str(caught.value).startswith(
+        f"your node at {node.address} stopped answering (nothing for 1 s)"
+    )
+    assert out.getvalue() == b"first part"
+
+
+def test_the_fetch_idle_limit_covers_what_the_node_bounds() -> None:
+    from node import const as node_const
+
+    assert gateway_client.FETCH_IDLE_S == (
+        node_const.MAX_PEER_DEADLINE_S + node_const.REGISTRY_DEADLINE_S + 5
+    )
+
+
+def test_a_search_waits_for_its_own_deadline_not_a_fixed_45_s() -> None:
+    assert search_timeout_s(2000) == 2 + 3 + 5
+    assert search_timeout_s(0) == 30 + 3 + 5  # the node's default may be up to its maximum
+
+
+@pytest.mark.parametrize("command", ["search", "report"])
+async def test_a_node_freezing_mid_search_is_given_up_on_after_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The timeout follows --deadline-ms (plus the registry's and a margin, shrunk here),
+    and the message says how long the client waited."""
+    monkeypatch.setattr(gateway_client, "REGISTRY_DEADLINE_S", 0.2)
+    monkeypatch.setattr(gateway_client, "NODE_MARGIN_S", 0.3)
+    async with frozen_node(tmp_path) as node:
+        client = GatewayClient(node.access())
+        events = getattr(client, command)("999940375", deadline_ms=500)
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(10):  # without the fix: 45 s
+                with pytest.raises(ClientError) as caught:
+                    async for _ in events:
+                        pass
+        finally:
+            await client.close()
+        elapsed = asyncio.get_running_loop().time() - started
+    assert caught.value.exit_code == 3
+    assert (
+        f"your node at {node.address} stopped answering: the {command} did not end "
+        "within 1 s" in str(caught.value)
+    )
+    assert 0.9 < elapsed < 5
+
+
+async def test_an_oversized_request_is_bad_input_in_words_not_grpc_internals(
+    tmp_path: Path,
+) -> None:
+    """A 16 kB token (grpc would refuse the header, exit 1 quoting its internals) is
+    refused before any call; a request grpc itself finds too large is exit 2, in words."""
+    async with frozen_node(tmp_path) as node:
+        code, _, err = await transmural(*node.flags(token="t" * 16_000), "search", "999940375")
+        assert code == 2, err
+        assert err == (
+            "transmural: the token is too long to be a clinician token (16000 characters; one "
+            "from `transmural-admin user add` has 48): is it the right value, copied once?\n"
+        )
+        client = GatewayClient(node.access())
+        try:
+            with pytest.raises(ClientError) as caught:
+                async for _ in client.search("9" * (5 * 1024 * 1024)):  # past grpc's 4 MB
+                    pass
+        finally:
+            await client.close()
+    assert caught.value.exit_code == 2
+    assert str(caught.value).startswith("the request is too large")
+
+
+async def test_control_characters_in_what_the_user_typed_are_escaped(tmp_path: Path) -> None:
+    """An error quoting the node id (here: the certificate names another node) shows
+    ESC as text, never a raw escape the terminal would obey."""
+    async with frozen_node(tmp_path) as node:
+        code, _, err = await transmural(
+            *node.flags(node_id="node-1\x1b[31m"), "search", "999940375"
+        )
+    assert code == 3, err
+    assert "\x1b" not in err and "not node-1\\x1b[31m" in err, err
+    assert err.startswith("transmural: ") and err.count("\n") == 1

@@ -50,6 +50,9 @@ def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> N
         assert f"\n  {code}  " in out
     exit_5 = out.split("\n  5  ")[1]
     assert "the network could not answer" in exit_5 and "registry" in exit_5
+    exit_3 = " ".join(out.split("\n  3  ")[1].split("\n  4  ")[0].split())
+    assert "your node is not reachable" in exit_3
+    assert "busy (too many requests at once, or you already have 16 running there)" in exit_3
     for command in ("login", "search", "report", "fetch"):
         assert f"transmural {command}" in out
 
@@ -69,6 +72,27 @@ def test_report_bad_identifier_exit_2_before_any_call(
     code, out, err = run(capsys, "report", identifier)  # no node given: never asked
     assert code == 2 and says in err and out == ""
     assert err.startswith("transmural: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "/no/such/client\x1b[31m.json", "search", "111222333"],  # ClientError
+        ["report", "111222333", "--fhir\x1b[2J"],  # argparse, in a command's own parser
+    ],
+)
+def test_every_error_line_escapes_control_characters(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """What the clinician typed is quoted escaped: a raw ESC would drive the terminal."""
+    try:
+        code = clinician.main(args)
+    except SystemExit as exit_:
+        code = exit_.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "\x1b" not in err and "\\x1b[" in err, err
+    assert err.count("\n") == 1
 
 
 def test_report_without_node_or_token_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -294,3 +318,23 @@ def test_a_node_address_must_be_host_port(
     monkeypatch.setenv("TRANSMURAL_NODE", address)
     code, _, err = run(capsys, "--token", "t", "--insecure-dev", "report", "111222333")
     assert code == 2 and "is not HOST:PORT" in err, err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_live_status_shows_what_the_network_sent_as_text(terminal: bool) -> None:
+    """A facility's name or message, or the node's incomplete reason, holding rich markup
+    or a terminal escape is shown as text: never parsed (``[/x]`` would raise), never obeyed."""
+    odd = "[/x] \x1b[2J"
+    out = _Terminal() if terminal else io.StringIO()
+    with LiveStatus(out) as status:
+        status.located(Holders(["n1", "n2"], [odd, "Two"], "c", f"registry down {odd}"))
+        status.answered(FacilityItems("n1", odd, "timeout", 3000, f"no answer {odd}"))
+        status.answered(FacilityItems("n2", "Two", "error", 5, odd))
+    text = out.getvalue()
+    assert "\x1b[2J" not in text and "[/x] \\x1b[2J" in text
+    assert "registry down [/x]" in text and "no answer [/x]" in text

@@ -287,3 +287,64 @@ def test_a_reader_leaving_the_pipe_is_not_an_error() -> None:
     console = console_for(io.StringIO())
     with pytest.raises(BrokenPipeError):
         console.on_broken_pipe()
+
+
+def empty_arrays(value: Any, path: str = "") -> list[str]:
+    """Where ``value`` holds ``[]``: FHIR JSON forbids empty arrays (leave the key out),
+    a rule the validator above does not check."""
+    if isinstance(value, list):
+        found = [path] if not value else []
+        return found + [p for i, v in enumerate(value) for p in empty_arrays(v, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in empty_arrays(v, f"{path}.{k}")]
+    return []
+
+
+@pytest.mark.parametrize("incomplete", ["", "registry unreachable: results may be incomplete"])
+def test_a_patient_no_facility_knows_is_said_in_the_bundle(incomplete: str) -> None:
+    """`report UNKNOWN --fhir`: not `"entry": []` (invalid FHIR, and silent), but one
+    OperationOutcome saying no facility holds data (and why that may not be certain)."""
+    bundle = report_fhir(merge([], patient="999940375", incomplete=incomplete))
+    assert empty_arrays(bundle) == []
+    parsed = Bundle.model_validate_json(json.dumps(bundle))
+    assert [e.resource.get_resource_type() for e in parsed.entry] == ["OperationOutcome"]
+    (outcome,) = outcomes(bundle)
+    not_found = {
+        "severity": "information",
+        "code": "not-found",
+        "diagnostics": "no facility in the network holds data on this patient",
+    }
+    if incomplete:
+        assert outcome["issue"] == [
+            {"severity": "warning", "code": "incomplete", "diagnostics": incomplete}, not_found,
+        ]  # fmt: skip
+    else:
+        assert outcome["issue"] == [not_found]
+
+
+def test_facilities_with_nothing_structured_still_make_a_bundle_with_entries() -> None:
+    """Every facility answered ok, none with a usable resource: still no empty array."""
+    bundle = report_fhir(merge([FacilityItems("gp", "Huisartsenpraktijk", "ok", 40)]))
+    assert empty_arrays(bundle) == []
+    Bundle.model_validate_json(json.dumps(bundle))
+    ((issue,),) = [o["issue"] for o in outcomes(bundle)]
+    assert issue["severity"] == "information" and "no structured" in issue["diagnostics"]
+
+
+def test_tables_show_what_facilities_sent_as_text_not_markup_nor_terminal_codes() -> None:
+    """A name, message or display from the network (or an identifier the clinician typed)
+    holding rich markup or an escape: shown as text, never parsed (``[/x]`` would raise)
+    nor sent raw to the terminal."""
+    odd = "Org [/x] [bold]b[/bold] \x1b[31mred"
+    procedure = {**PROCEDURE, "code": {"coding": [
+        {"system": "http://snomed.info/sct", "code": "80146002", "display": odd}]}}  # fmt: skip
+    report = merge(
+        [FacilityItems("gp", odd, "ok", 40, "", "URA-1", [as_item(procedure)]),
+         FacilityItems("n2", odd, "timeout", 5, f"waited [/oops] {odd}")],
+        patient="urn:x|[/y]\x1b[2J",
+    )  # fmt: skip
+    out = io.StringIO()
+    print_tables(report, out)
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert "[/oops]" in text and "[/y]" in text and "\\x1b[31mred" in text

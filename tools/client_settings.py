@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.gateway_client import ClientError, GatewayClient, NodeAccess, split_address
+from tools.gateway_client import (
+    MAX_TOKEN_CHARS,
+    ClientError,
+    GatewayClient,
+    NodeAccess,
+    split_address,
+)
 
 DEFAULT_FILE = Path("~/.config/transmural/client.json")
 KEYS = ("node", "node_id", "ca_certificate", "token")
@@ -147,6 +153,12 @@ def _access(values: dict[str, str], insecure_dev: bool) -> NodeAccess:
         raise ClientError("no node given: use --node HOST:PORT, TRANSMURAL_NODE or --config", 2)
     split_address(values["node"])  # bad input (exit 2), not an unreachable node
     token = values.get("token", "")
+    if len(token) > MAX_TOKEN_CHARS:
+        # Sent as is, grpc would refuse the header with its own text (exit 1).
+        raise ClientError(
+            f"the token is too long to be a clinician token ({len(token)} characters; one from "
+            "`transmural-admin user add` has 48): is it the right value, copied once?", 2,
+        )  # fmt: skip
     if token and (not token.isascii() or not token.isprintable() or " " in token):
         raise ClientError("the clinician token has spaces or other characters a token never has", 2)
     if not values.get("token"):

@@ -23,7 +23,9 @@ Exit codes:
   2  bad input (e.g. a BSN failing the 11-check; no node, token or CA given;
      a node address that is not HOST:PORT; --since after --until)
   3  your node is not reachable: not running, not answering in time, or not
-     your node (its certificate is not from your CA or names another node)
+     your node (its certificate is not from your CA or names another node);
+     or it is busy (too many requests at once, or you already have 16
+     running there)
   4  your token is not accepted (unknown or expired)
   5  the network could not answer: the registry (or, for fetch, the facility)
      was unreachable or did not answer in time; nothing is known about the
@@ -40,7 +42,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
-from typing import BinaryIO, TextIO, TypeVar
+from typing import BinaryIO, NoReturn, TextIO, TypeVar
 
 from tools import report_view
 from tools.client_settings import Overrides, add_connection_options, login, node_access
@@ -53,7 +55,14 @@ from tools.gateway_client import (
     Holders,
     split_token,
 )
-from tools.render import DocumentFilter, FetchProgress, LiveStatus, documents_table, search_json
+from tools.render import (
+    DocumentFilter,
+    FetchProgress,
+    LiveStatus,
+    documents_table,
+    printable,
+    search_json,
+)
 from tools.report_merge import RECENT_ROWS, merge
 from transmural.process import OneLineParser
 
@@ -117,7 +126,7 @@ async def report(
     )  # fmt: skip
     if merged.incomplete and output != "tables":
         # The JSON and FHIR outputs carry it, but their reader may not look: say it here too.
-        print(f"transmural: warning: {merged.incomplete}", file=sys.stderr)
+        say(f"warning: {merged.incomplete}")
     if output == "tables":
         print(file=out)
         if purpose == "emergency":
@@ -132,6 +141,12 @@ async def report(
         json.dump(shape(merged), out, indent=2, ensure_ascii=False)
         print(file=out)
     return results
+
+
+def say(message: str) -> None:
+    """One line to the clinician on stderr, control characters escaped: it may
+    quote what they typed (a node id, a path) or what the network sent."""
+    print(printable(f"transmural: {message}"), file=sys.stderr)
 
 
 async def _collect(
@@ -203,8 +218,16 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
 
 
+class _Parser(OneLineParser):
+    """A usage error quotes the argument given: escaped, as every error line is.
+    (Subcommand parsers are of this class too: argparse makes them so.)"""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
+    parser = _Parser(
         prog="transmural", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _common_options(parser, defaults=True)
@@ -308,7 +331,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _login(args: argparse.Namespace) -> int:
-    print(await login(_overrides(args), check=not args.no_check), file=sys.stderr)
+    print(printable(await login(_overrides(args), check=not args.no_check)), file=sys.stderr)
     return 0
 
 
@@ -343,7 +366,9 @@ async def _fetch(client: GatewayClient, args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(
-            f"wrote {meta.size} bytes to {target} ({meta.content_type}), SHA-256 verified",
+            printable(
+                f"wrote {meta.size} bytes to {target} ({meta.content_type}), SHA-256 verified"
+            ),
             file=sys.stderr,
         )
     return 0
@@ -389,14 +414,14 @@ def main(argv: list[str] | None = None) -> int:
             _check_dates(args.since, args.until)
         return asyncio.run(_run(args))
     except ClientError as error:
-        print(f"transmural: {error}", file=sys.stderr)
+        say(str(error))
         return error.exit_code
     except BrokenPipeError:
         # The reader (e.g. head) left; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as error:
-        print(f"transmural: {error}", file=sys.stderr)
+        say(str(error))
         return 1
 
 

@@ -6,9 +6,12 @@ and ``report`` stream the same way: first ``Holders`` (whom the registry
 listed), then one answer per facility as it arrives.
 
 Every call first waits for a connection to the node (``CONNECT_TIMEOUT_S``),
-and when there is none says which of three it is: nothing listens there,
-something answers without your network's certificate for that node id, or
-nothing answers in time (a hung node). Errors from the node itself carry
+and when there is none says which it is: nothing listens there, something
+answers with a certificate not from your network's CA, or one naming
+another node, or nothing answers in time (a hung node). Once connected, a
+node that stops answering is given up on too: a search or report after the
+time the node itself bounds (``search_timeout_s``), a fetch after
+``FETCH_IDLE_S`` without a chunk. Errors from the node itself carry
 ``ERROR_ORIGIN_KEY`` (``transmural.status.from_server``): its UNAVAILABLE
 or DEADLINE_EXCEEDED means the registry or a facility behind it did not
 answer (exit 5), not that the node is unreachable (exit 3).
@@ -27,6 +30,7 @@ from typing import BinaryIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from node import const as node_const
 from transmural import pki, transport
 from transmural.errors import InvalidIdentifier
 from transmural.identifiers import canonical
@@ -50,12 +54,30 @@ CHECK_TIMEOUT_S = 5.0
 #: says the node did not answer: grpc alone would wait 20 s, then blame the CA.
 CONNECT_TIMEOUT_S = 5.0
 
+#: OpenSSL verify codes (``ssl.SSLCertVerificationError.verify_code``) told apart;
+#: any other is a certificate not signed by the CA given.
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+
 #: Exit code when the network behind your node could not answer (registry or facility).
 NETWORK_UNAVAILABLE = 5
 
-#: Longest a search may take end to end: the node bounds each facility's
-#: answer (at most 30 s), so this only fires when the node itself hangs.
-SEARCH_TIMEOUT_S = 45.0
+#: What the node itself bounds (``node.const``): a registry locate, then each
+#: facility's answer (at most MAX_PEER_DEADLINE_S, the default when a search
+#: names no deadline, since a node may be configured up to it).
+REGISTRY_DEADLINE_S = node_const.REGISTRY_DEADLINE_S
+MAX_PEER_DEADLINE_S = node_const.MAX_PEER_DEADLINE_S
+#: Added to what the node bounds before the client gives up on it.
+NODE_MARGIN_S = 5.0
+#: Longest a fetch may go without a chunk: the node bounds each chunk by the
+#: facility deadline, after a registry locate. Silence past it means the node
+#: itself hangs.
+FETCH_IDLE_S = MAX_PEER_DEADLINE_S + REGISTRY_DEADLINE_S + NODE_MARGIN_S
+#: Longest token sent. Tokens from ``transmural-admin user add`` are 48
+#: characters (``tmu1_`` + 43); a single-sign-on token (e.g. an OIDC JWT) runs
+#: to a few kB. grpc refuses request headers past 8 to 16 kB with its own text.
+MAX_TOKEN_CHARS = 4096
 
 
 class ClientError(Exception):
@@ -243,8 +265,8 @@ class GatewayClient:
             )
         except ssl.SSLCertVerificationError as error:
             return ClientError(
-                f"{self.address} is not your node: its certificate is not from your network's "
-                f"CA, or it is not node {self._access.node_id} ({error.verify_message})", 3,
+                f"{self.address} is not your node: {self._refused_certificate(error)} "
+                f"({error.verify_message})", 3,
             )  # fmt: skip
         except ssl.SSLError as error:
             return ClientError(
@@ -266,6 +288,14 @@ class GatewayClient:
             f"your node at {self.address} accepts connections, but gRPC over them failed: is "
             f"that its gateway port{plain}?", 3,
         )  # fmt: skip
+
+    def _refused_certificate(self, error: ssl.SSLCertVerificationError) -> str:
+        """Why the node's certificate was refused, from OpenSSL's verify code."""
+        if error.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+            return f"its certificate names another node, not {self._access.node_id}"
+        if error.verify_code in (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED):
+            return "its certificate is not valid now (expired, or not yet valid)"
+        return "its certificate is not from your network's CA"
 
     async def check(self) -> None:
         """Ask the standard gRPC health service whether the Gateway serves here.
@@ -298,17 +328,18 @@ class GatewayClient:
         reason: str = "",
     ) -> AsyncIterator[Holders | FacilityResult]:
         request = _search_request(identifier, purpose, deadline_ms, reason)
+        timeout_s = search_timeout_s(deadline_ms)
         await self._connect()
         try:
             async for event in self._stub.Search(
-                request, timeout=SEARCH_TIMEOUT_S, metadata=self._metadata
+                request, timeout=timeout_s, metadata=self._metadata
             ):
                 if event.HasField("located"):
                     yield _holders(event.located)
                 else:
                     yield _result(event.result)
         except grpc.aio.AioRpcError as error:
-            raise self._client_error(error) from None
+            raise self._client_error(error, "search", timeout_s) from None
 
     async def report(
         self,
@@ -319,10 +350,11 @@ class GatewayClient:
     ) -> AsyncIterator[Holders | FacilityItems]:
         """The live report's fan-out: like ``search``, with structured entries per facility."""
         request = _search_request(identifier, purpose, deadline_ms, reason)
+        timeout_s = search_timeout_s(deadline_ms)
         await self._connect()
         try:
             async for event in self._stub.Report(
-                request, timeout=SEARCH_TIMEOUT_S, metadata=self._metadata
+                request, timeout=timeout_s, metadata=self._metadata
             ):
                 if event.HasField("located"):
                     yield _holders(event.located)
@@ -334,7 +366,7 @@ class GatewayClient:
                     f"your node at {self.address} does not offer the live report "
                     "(Gateway.Report): it runs an older Transmural", 3,
                 ) from None  # fmt: skip
-            raise self._client_error(error) from None
+            raise self._client_error(error, "report", timeout_s) from None
 
     async def fetch(
         self,
@@ -349,7 +381,8 @@ class GatewayClient:
         """Write the document to ``out``; checks its size and SHA-256.
 
         ``progress(received, expected)`` is called after every chunk, with
-        the size the facility listed (0 if it listed none).
+        the size the facility listed (0 if it listed none). A node silent
+        for FETCH_IDLE_S (no chunk, no end) is given up on: exit 3.
         """
         request = gateway_pb2.GatewayFetchRequest(
             patient=split_token(identifier),
@@ -360,8 +393,20 @@ class GatewayClient:
         )
         digest, size, metadata = hashlib.sha256(), 0, None
         await self._connect()
+        call = self._stub.FetchDocument(request, metadata=self._metadata)
         try:
-            async for chunk in self._stub.FetchDocument(request, metadata=self._metadata):
+            while True:
+                try:
+                    async with asyncio.timeout(FETCH_IDLE_S):
+                        chunk = await call.read()
+                except TimeoutError:
+                    raise ClientError(
+                        f"your node at {self.address} stopped answering (nothing for "
+                        f"{FETCH_IDLE_S:g} s): is it hung or overloaded?", 3,
+                    ) from None  # fmt: skip
+                if chunk is grpc.aio.EOF:
+                    break
+                assert isinstance(chunk, common_pb2.DocumentChunk)
                 if chunk.HasField("metadata") and metadata is None:
                     metadata = _document(chunk.metadata)
                 data = chunk.data  # each read of a bytes field copies it
@@ -372,6 +417,8 @@ class GatewayClient:
                     progress(size, metadata.size if metadata else 0)
         except grpc.aio.AioRpcError as error:
             raise self._client_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; else the node stops sending
         if metadata is None:
             raise ClientError("the facility sent no document metadata")
         if metadata.sha256 and digest.hexdigest() != metadata.sha256:
@@ -381,11 +428,25 @@ class GatewayClient:
             )
         return metadata
 
-    def _client_error(self, error: grpc.aio.AioRpcError) -> ClientError:
+    def _client_error(
+        self, error: grpc.aio.AioRpcError, what: str = "", waited_s: float = 0.0
+    ) -> ClientError:
+        """The clinician's sentence and exit code for a failed call.
+
+        ``what`` and ``waited_s`` name the call and the timeout it had, for
+        the message when that timeout ran out. Text of grpc's own (an error
+        no Transmural server sent) is never shown: it names grpc internals.
+        """
         code, detail = error.code(), error.details() or ""
         if code is grpc.StatusCode.UNIMPLEMENTED:
             return ClientError(f"{self.address} is not a Transmural node (no Gateway service)", 3)
         if not from_server(error):
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED and what:
+                return ClientError(
+                    f"your node at {self.address} stopped answering: the {what} did not end "
+                    f"within {waited_s:g} s (the facilities' deadline, the registry's and "
+                    f"{NODE_MARGIN_S:g} s more): is it hung or overloaded?", 3,
+                )  # fmt: skip
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return ClientError(f"your node at {self.address} did not answer in time", 3)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -405,13 +466,34 @@ class GatewayClient:
             )  # fmt: skip
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and from_server(error):
             return ClientError(detail, 3)  # our own share or limit, said in words
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # grpc's size limits (request headers, message), not the node's words.
+            return ClientError(
+                "the request is too large (an identifier, token or reason far longer than "
+                "any real one?)", 2,
+            )  # fmt: skip
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return ClientError(detail, 2)
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return ClientError(detail, 4)
         if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
             return ClientError(detail, 1)
+        if not from_server(error):
+            return ClientError(
+                f"the call to your node at {self.address} failed in gRPC itself "
+                f"({code.name.lower()}), not with an answer from the node", 1,
+            )  # fmt: skip
         return ClientError(f"{code.name.lower()}: {detail or 'no detail'}", 1)
+
+
+def search_timeout_s(deadline_ms: int) -> float:
+    """How long a search or report may take before the client gives up on the node.
+
+    The node bounds it: a registry locate, then every facility at once under
+    the deadline asked for (the node's default when 0: at most the maximum).
+    """
+    per_facility = deadline_ms / 1000 if deadline_ms > 0 else MAX_PEER_DEADLINE_S
+    return min(per_facility, MAX_PEER_DEADLINE_S) + REGISTRY_DEADLINE_S + NODE_MARGIN_S
 
 
 def _search_request(

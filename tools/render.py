@@ -53,7 +53,8 @@ def facility_line(result: FacilityResult | FacilityItems) -> str:
         detail = counted(len(result.documents), "document")
     if result.status == "ok" and result.message:  # e.g. the registry was unreachable
         detail = f"{detail} ({result.message})"
-    return (
+    # Names and messages come from the network: escaped, they cannot drive the terminal.
+    return printable(
         f"  {result.status:<15} {result.node_id:<10} {_cut(result.organisation, 36):<36} "
         f"{result.elapsed_ms:>6} ms  {detail}".rstrip()
     )
@@ -102,7 +103,7 @@ class LiveStatus:
         if not self.live:
             print(holders_line(holders), file=self._out, flush=True)
             return
-        self._console.print(holders_line(holders))
+        self._console.print(Text(holders_line(holders)))  # text, not rich markup
         if holders.node_ids:
             self._live = Live(
                 console=self._console, get_renderable=self._render, transient=False,
@@ -119,9 +120,9 @@ class LiveStatus:
             print(self._lines[-1], file=self._out, flush=True)
 
     def _render(self) -> Group:
-        seconds = self._clock() - self._started
+        s = self._clock() - self._started
         waiting = [
-            Text(f"  {'waiting':<15} {node:<10} {_cut(org, 36):<36} {seconds:>6.1f} s", "dim")
+            Text(printable(f"  {'waiting':<15} {node:<10} {_cut(org, 36):<36} {s:>6.1f} s"), "dim")
             for node, org in self._waiting.items()
         ]
         return Group(*(Text(line) for line in self._lines), *waiting)
@@ -206,7 +207,7 @@ def holders_line(holders: Holders) -> str:
         line = f"{counted(count, 'facility', 'facilities')} {verb} data on this patient; asking:"
     else:
         line = "No facility in the network knows this patient."
-    return f"Warning: {holders.incomplete}.\n{line}" if holders.incomplete else line
+    return f"Warning: {printable(holders.incomplete)}.\n{line}" if holders.incomplete else line
 
 
 def documents_table(results: list[FacilityResult], limit: int | None = None) -> list[str]:

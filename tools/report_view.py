@@ -56,8 +56,16 @@ when the report may be incomplete or some facility asked did not answer
   ``diagnostics`` = the facility's message (a stock phrase when it sent none).
 
 ``expression`` and ``location`` point into a resource, and a facility is
-not one, hence ``details``. A complete report (no ``incomplete``, every
-facility ``ok``) has no ``OperationOutcome``.
+not one, hence ``details``.
+
+The bundle never has an empty ``entry`` array (FHIR JSON allows none). A
+patient no facility knows gets an ``OperationOutcome`` all the same, with an
+``issue`` of severity ``information``, code ``not-found``, ``diagnostics``
+"no facility in the network holds data on this patient" (after the
+``incomplete`` warning when there is one); facilities that all answered
+``ok`` with no usable resource, one of code ``informational``. Otherwise a
+complete report (no ``incomplete``, every facility ``ok``) has no
+``OperationOutcome``.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tools.render import printable
 from tools.report_merge import Report, Row, Section, Source
 
 SCHEMA_VERSION = 1
@@ -99,6 +108,10 @@ _STOCK_DIAGNOSTICS = {
     "consent-denied": "the patient's consent at this facility refused the request",
     "no-record": "the facility holds no record of this patient",
 }
+#: ``diagnostics`` of the one issue of a report on a patient no facility knows.
+NO_FACILITY = "no facility in the network holds data on this patient"
+#: ... and of a report whose facilities all answered ok with no usable resource.
+NOTHING_STRUCTURED = "the facilities that answered sent no structured entries on this patient"
 
 TITLES = {
     "problems": ("Problems", "condition"),
@@ -167,7 +180,7 @@ def facilities_table_text(report: Report) -> str:
 
 
 def facilities_table(report: Report, style: box.Box = box.ASCII) -> Table:
-    title = f"Live report for {report.patient}" if report.patient else "Live report"
+    title = _text(f"Live report for {report.patient}" if report.patient else "Live report")
     table = Table(title=title, box=style, title_justify="left")
     for name, justify in (("status", "left"), ("facility", "left"), ("organisation", "left"),
                           ("ms", "right"), ("entries / reason", "left")):  # fmt: skip
@@ -179,11 +192,11 @@ def facilities_table(report: Report, style: box.Box = box.ASCII) -> Table:
         if f.status == "ok" and f.message:  # e.g. answered from remembered holders
             detail = f"{detail} ({f.message})"
         table.add_row(
-            Text(f.status, style=STATUS_STYLES.get(f.status, "")),
-            f.node_id, f.organisation, str(f.elapsed_ms), detail,
+            _text(f.status, STATUS_STYLES.get(f.status, "")),
+            _text(f.node_id), _text(f.organisation), str(f.elapsed_ms), _text(detail),
         )  # fmt: skip
     if report.correlation_id:
-        table.caption = f"correlation id {report.correlation_id}"
+        table.caption = _text(f"correlation id {report.correlation_id}")
     return table
 
 
@@ -198,8 +211,8 @@ def section_table(section: Section, style: box.Box = box.ASCII) -> Table:
     table.add_column(f"sources (facility, date, {'value' if results else 'status'})")
     for row in section.rows:
         table.add_row(
-            row.display or "(no text)", _code(row), _state(row, results),
-            row.date[:10] or "no date", _sources(row, results),
+            _text(row.display or "(no text)"), _text(_code(row)), _state(row, results),
+            _text(row.date[:10] or "no date"), _text(_sources(row, results)),
         )  # fmt: skip
     if section.omitted:
         table.caption = f"... and {section.omitted} older (--all shows every row)"
@@ -217,10 +230,16 @@ def _code(row: Row) -> str:
 
 def _state(row: Row, results: bool) -> Text:
     if results:
-        return Text(_measure(row.value, row.unit))
+        return _text(_measure(row.value, row.unit))
     if row.statuses_differ:
-        return Text(f"{row.status or '?'} (facilities differ)", style="yellow")
-    return Text(row.status)
+        return _text(f"{row.status or '?'} (facilities differ)", "yellow")
+    return _text(row.status)
+
+
+def _text(text: str, style: str = "") -> Text:
+    """A cell as sent: never read as rich markup (a name holding ``[/x]`` would
+    raise), control characters escaped line by line (``tools.render.printable``)."""
+    return Text("\n".join(printable(line) for line in text.split("\n")), style=style)
 
 
 def _sources(row: Row, results: bool) -> str:
@@ -331,7 +350,7 @@ def report_fhir(report: Report, now: datetime | None = None) -> dict[str, Any]:
         entries.append({"fullUrl": _urn(node_id, "Provenance"),
                         "resource": _provenance(node_id, organisation, org_url,
                                                 targets[node_id], stamp)})  # fmt: skip
-    outcome = _outcome(report)
+    outcome = _outcome(report, nothing_else=not entries)
     if outcome is not None:
         entries.insert(0, {"fullUrl": f"urn:uuid:{outcome['id']}", "resource": outcome})
     return {
@@ -343,8 +362,12 @@ def report_fhir(report: Report, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
-def _outcome(report: Report) -> dict[str, Any] | None:
-    """What the bundle lacks, as an OperationOutcome (module docstring); None if nothing."""
+def _outcome(report: Report, nothing_else: bool = False) -> dict[str, Any] | None:
+    """What the bundle lacks, as an OperationOutcome (module docstring); None if nothing.
+
+    ``nothing_else``: the bundle has no other entry, and FHIR JSON allows no
+    empty ``entry`` array, so the outcome then always says why it is empty.
+    """
     issues: list[dict[str, Any]] = []
     if report.incomplete:
         issues.append({"severity": "warning", "code": "incomplete",
@@ -363,6 +386,12 @@ def _outcome(report: Report) -> dict[str, Any] | None:
             },
             "diagnostics": f.message or _STOCK_DIAGNOSTICS.get(f.status, "the facility failed"),
         })  # fmt: skip
+    if not report.facilities:
+        issues.append({"severity": "information", "code": "not-found",
+                       "diagnostics": NO_FACILITY})  # fmt: skip
+    elif nothing_else and not issues:
+        issues.append({"severity": "information", "code": "informational",
+                       "diagnostics": NOTHING_STRUCTURED})  # fmt: skip
     if not issues:
         return None
     return {"resourceType": "OperationOutcome", "id": str(uuid.uuid4()), "issue": issues}
