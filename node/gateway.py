@@ -18,10 +18,10 @@ A registry that refuses connections fails fast anyway.
 
 The registry down: the gateway remembers each patient's holders from the
 last successful locate (``RecentLocations``, up to LOCATION_CACHE_S) and
-asks those instead. ``Located.incomplete`` and every facility's message
-then carry ``REGISTRY_DOWN``, so neither a clinician nor a program reads it
-as the whole picture; with nothing remembered the search fails
-(``Unavailable``), never "no records".
+asks those instead. ``Located.incomplete`` and every ``ok`` facility's
+message then carry ``REGISTRY_DOWN`` (a refusal or a timeout keeps its own
+words), so neither a clinician nor a program reads it as the whole picture;
+with nothing remembered the search fails (``Unavailable``), never "no records".
 
 The gateway talks to the registry and to peers through two small ports
 (``HolderIndex``, ``PeerLink``) so that it never touches gRPC itself.
@@ -401,7 +401,7 @@ class Gateway:
         try:
             for finished in asyncio.as_completed(tasks):
                 facility, status, elapsed_ms, message, parts = await finished
-                if note:
+                if note and status is Status.OK:  # a refusal keeps its own words
                     message = f"{message}; {note}" if message else note
                 yield answer(facility, status, elapsed_ms, message, parts)
         finally:

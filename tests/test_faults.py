@@ -377,6 +377,27 @@ async def test_registry_down_search_answers_from_known_holders_marked_incomplete
     await wait_for(unmarked, within_s=20)
 
 
+async def test_registry_down_leaves_a_refusal_in_its_own_words(
+    network: NetworkFactory, synthetic_bundles: Path
+) -> None:
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    fhir_id = at_least(plan, 2)[0]
+    bsn = bsn_of(plan, fhir_id)
+    refusing = plan.patients[fhir_id].nodes[-1]
+    await net.deny_organisation(refusing, bsn, net.nodes[0].config.organisation_id)
+    await collect(net.client(0), bsn)  # the gateway now remembers the holders
+    address = await _stop_registry(net)
+
+    holders, results = await collect(net.client(0), bsn)
+    assert holders.incomplete.startswith(REGISTRY_DOWN)
+    denied = results.pop(net.nodes[refusing].config.node_id)
+    assert denied.status == "consent-denied" and REGISTRY_DOWN not in denied.message
+    assert results and all(REGISTRY_DOWN in r.message for r in results.values())
+    await _restart_registry(net, address)
+
+
 async def _start_hung_registry(net: RunningNetwork, address: str) -> grpc.aio.Server:
     """A registry at ``address`` (real certificate from the network CA) that never answers."""
     never = asyncio.Event()
