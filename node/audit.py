@@ -109,6 +109,7 @@ ACTIONS: tuple[str, ...] = (
     "search", "search-answer", "fetch", "fetch-answer", "report", "report-answer",
     "consent-add", "consent-withdraw", "consent-import",
     "break-the-glass", "ingest-start", "ingest", "join", "index-publish", "audit-export",
+    "user-add", "user-remove",
 )  # fmt: skip
 _ACTION = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 

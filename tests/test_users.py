@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,7 @@ def test_user_list_and_remove_commands(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(refused())
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        logged = db.execute("SELECT action, outcome_reason FROM audit_log ORDER BY seq").fetchall()
+    assert [action for action, _ in logged] == ["user-add"] * 3 + ["user-remove"]
+    assert logged[-1][1] == "dr.a" and all("tmu1_" not in reason for _, reason in logged)

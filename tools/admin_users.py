@@ -8,15 +8,18 @@ ends a clinician's access at once (a leaked token, someone who left).
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 from datetime import UTC, datetime
 
+from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.records import UserRecord
 from node.store import NodeStore
 from node.users import DEFAULT_TOKEN_DAYS, ROLES, Clinicians
 from tools.render import printable
+from transmural.clock import SystemClock
 from transmural.errors import NotFound
 from transmural.process import given_path
 
@@ -56,11 +59,14 @@ async def run_user_command(args: argparse.Namespace) -> int:
     try:
         clinicians = Clinicians(store)
         if args.user_command == "add":
-            print(await clinicians.add(args.user_id, args.name, args.role, args.days))
+            token = await clinicians.add(args.user_id, args.name, args.role, args.days)
+            await _audit(store, "user-add", f"{args.user_id} ({args.role}), {args.days} days")
+            print(token)
         elif args.user_command == "list":
             _print_users(await clinicians.list())
         else:
             await clinicians.remove(args.user_id)
+            await _audit(store, "user-remove", args.user_id)
             print(f"removed {args.user_id}: their token no longer works at this node")
     except NotFound as unknown:
         print(f"transmural-admin: {unknown}", file=sys.stderr)
@@ -68,6 +74,13 @@ async def run_user_command(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return 0
+
+
+async def _audit(store: NodeStore, action: str, what: str) -> None:
+    """Who gave or took a clinician's access, in the node's audit log (never the token)."""
+    record = AuditRecord(action=action, outcome="granted", side="local",
+                         outcome_reason=what, clinician_id=getpass.getuser())  # fmt: skip
+    await AuditLog(store.database, SystemClock()).append(record)
 
 
 def _print_users(users: list[UserRecord]) -> None:
