@@ -85,4 +85,6 @@ class RegistryLink:
             return TimedOut(f"this node's registry at {self.address} did not answer in time")
         if code is grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"this node cannot reach its registry at {self.address}")
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and detail:
+            return Unavailable(f"registry: {detail}")  # busy, in its words: asked again later
         return Unavailable(f"registry: {code.name}: {detail}")

@@ -23,13 +23,14 @@ from node.convert import (
 )
 from node.gateway import Gateway
 from node.holder import Origin, RecordHolder
-from node.share import Share, clinician_share, facility_share
+from node.share import clinician_share, facility_share
 from node.users import Clinicians
 from transmural.auth import current_caller
 from transmural.const import FETCH_PIECE_BYTES
 from transmural.errors import InvalidInput
 from transmural.identifiers import Identifier, canonical
 from transmural.pseudonym import is_pseudonym
+from transmural.share import Share
 from transmural.status import maps_errors
 from transmural.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, peer_pb2, peer_pb2_grpc
 

@@ -1,51 +1,15 @@
-"""How many of one caller's requests a node works on at once.
+"""The node's shares (``transmural.share``): per clinician at the gateway
+port, per calling facility at the peer port.
 
-Each server caps the calls it runs at once for everyone
-(``transmural.const.MAX_CONCURRENT_RPCS``); beyond that cap every caller
-gets "node busy". Without a share per caller, one caller could hold every
-slot and everyone else would be turned away: one clinician's script looping
-searches (or a leaked token) at the gateway port, or one facility at the
-peer port whose gateway is misbehaving, or hostile. So each caller has a
-share (``clinician_share``, ``facility_share``); a request over it is
-refused at once, saying why, and takes nothing from the others.
+One clinician's script looping searches (or a leaked token) must not take
+every slot of the gateway; one facility whose gateway misbehaves (or is
+hostile) must not take every slot of another's peer port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 from node import const
-from transmural.errors import Overloaded
-
-
-class Share:
-    """Counts each caller's requests in progress; refuses one over the share."""
-
-    def __init__(self, limit: int, refusal: Callable[[int], str]) -> None:
-        self._limit = limit
-        self._refusal = refusal
-        self._running: dict[str, int] = {}
-
-    @contextmanager
-    def request(self, caller: str) -> Iterator[None]:
-        """Hold one of the caller's places while the block runs; Overloaded if none is free."""
-        running = self._running.get(caller, 0)
-        if running >= self._limit:
-            raise Overloaded(self._refusal(running))
-        self._running[caller] = running + 1
-        try:
-            yield
-        finally:
-            left = self._running[caller] - 1
-            if left:
-                self._running[caller] = left
-            else:
-                del self._running[caller]
-
-    def running(self, caller: str) -> int:
-        """The caller's requests in progress now."""
-        return self._running.get(caller, 0)
+from transmural.share import Share
 
 
 def clinician_share(limit: int | None = None) -> Share:

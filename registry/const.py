@@ -54,3 +54,8 @@ CERTIFICATE_WARNING_S = 30 * 24 * 3600
 #: ~700 MB; keeping its upper levels and hot pages cached keeps a lookup at
 #: 10M entries close to one at 1M.
 SQLITE_CACHE_MIB = 64
+
+#: Calls one node may have running at the registry at once: half of
+#: ``transmural.const.MAX_CONCURRENT_RPCS``, so that no one node (a gateway in
+#: a loop, a hostile member) can take every slot from the others.
+MAX_CALLS_PER_NODE = 128

@@ -14,9 +14,11 @@ comes from the certificate. Only a registry run with ``--insecure-dev``
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import grpc
 
+from registry import const
 from registry.enrolment import Membership
 from registry.index import (
     IndexChange,
@@ -28,6 +30,7 @@ from registry.index import (
 from transmural.auth import Caller, current_caller
 from transmural.clock import utc_iso
 from transmural.errors import PermissionDenied
+from transmural.share import Share
 from transmural.status import maps_errors
 from transmural.v1 import (
     common_pb2,
@@ -68,12 +71,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._index = index
         self._membership = membership
         self._authenticated = authenticated
+        self._share = Share(
+            const.MAX_CALLS_PER_NODE,
+            lambda running: (
+                f"busy: your node already has {running} calls running at the registry, the "
+                "most one node may have at once; try again shortly"
+            ),
+        )
 
     def _caller(self) -> Caller | None:
         caller = current_caller()
         if self._authenticated and caller is None:
             raise PermissionDenied("this registry accepts only calls with a node certificate")
         return caller
+
+    def _one_of_its_share(self, caller: Caller | None) -> AbstractContextManager[None]:
+        """Hold one of the calling node's places while the call runs (Overloaded if none)."""
+        return self._share.request(caller.identity.node_id if caller else "")
 
     @maps_errors
     async def RegisterNode(
@@ -93,7 +107,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 organisation_id=certified.organisation_id,
                 endpoint=wire.endpoint,
             )
-        stored = await self._directory.register(record)
+        with self._one_of_its_share(caller):
+            stored = await self._directory.register(record)
         return registry_pb2.RegisterNodeResponse(node=node_info(stored))
 
     @maps_errors
@@ -105,15 +120,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             request.node_id, caller.identity.node_id if caller else None, "publish for"
         )
         changes = [IndexChange(e.pseudonym, e.withdrawn) for e in request.entries]
-        result = await self._index.publish(node_id, changes)
+        with self._one_of_its_share(caller):
+            result = await self._index.publish(node_id, changes)
         return registry_pb2.PublishResponse(published=result.published, withdrawn=result.withdrawn)
 
     @maps_errors
     async def Locate(
         self, request: registry_pb2.LocateRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.LocateResponse:
-        self._caller()
-        locations = await self._index.locate(list(request.pseudonyms))
+        with self._one_of_its_share(self._caller()):
+            locations = await self._index.locate(list(request.pseudonyms))
         wire_nodes: dict[str, common_pb2.NodeInfo] = {}
         response = registry_pb2.LocateResponse()
         for location in locations:
@@ -129,8 +145,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ListNodes(
         self, request: registry_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListNodesResponse:
-        self._caller()
-        nodes = await self._directory.list_nodes()
+        with self._one_of_its_share(self._caller()):
+            nodes = await self._directory.list_nodes()
         return registry_pb2.ListNodesResponse(nodes=[node_info(n) for n in nodes])
 
     @maps_errors

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from registry import const as registry_const
 from registry import operator
 from registry.index import NodeDirectory, NodeRecord
 from registry.network import NetworkFiles, init_network
@@ -583,3 +584,39 @@ async def test_reregistering_at_another_endpoint_warns(
         assert "127.0.0.1:7002 replaces 127.0.0.1:7001" in warning.getMessage()
     finally:
         await store.close()
+
+
+async def test_one_node_cannot_take_every_slot_at_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_const, "MAX_CALLS_PER_NODE", 1)
+    network = init_network(tmp_path / "network", "Test")
+    server = RegistryServer(tmp_path / "registry.db", network_dir=network.folder)
+    await server.start()
+    fleet = Fleet(server, network)
+    try:
+        await fleet("alpha").RegisterNode(
+            registry_pb2.RegisterNodeRequest(node=node("alpha", 7401))
+        )
+        await fleet("alpha").Publish(publish("alpha", *range(1000)))
+        many = registry_pb2.LocateRequest(pseudonyms=[pseudonym(i) for i in range(1000)])
+
+        async def locate(node_id: str) -> grpc.StatusCode:
+            try:
+                await fleet(node_id).Locate(many)
+            except grpc.aio.AioRpcError as error:
+                assert "your node already has 1 calls running at the registry" in (
+                    error.details() or ""
+                ), error
+                return error.code()
+            return grpc.StatusCode.OK
+
+        # alpha asks 50 at once, each over 1000 pseudonyms; beta asks once meanwhile.
+        codes = await asyncio.gather(*(locate("alpha") for _ in range(50)), locate("beta"))
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[:50]  # alpha over its share ...
+        assert grpc.StatusCode.OK in codes[:50]
+        assert codes[50] is grpc.StatusCode.OK  # ... while beta is served
+        assert await locate("alpha") is grpc.StatusCode.OK  # its places came back
+    finally:
+        await fleet.close()
+        await server.stop(0)
