@@ -164,11 +164,13 @@ async def ingest_each(
                 started = time.perf_counter()
                 try:
                     draft = await preparing
+                    # Some refusals show only against what is stored (a national
+                    # identifier another patient has): the transaction rolls back.
+                    written: IngestReport | InvalidBundle = await _write(store, draft, started)
                 except InvalidBundle as error:
                     log.debug("refused %s", error)
-                    yield path, error
-                    continue
-                yield path, await _write(store, draft, started)
+                    written = error
+                yield path, written
         finally:
             for _, preparing in pending:
                 preparing.cancel()

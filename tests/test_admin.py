@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig
+from tests.test_ingest import bundle_of, dutch_patient
 from tools import admin
 from tools.synthetic import generate
 from transmural.pseudonym import new_network_key, write_network_key
@@ -211,3 +212,27 @@ def test_a_file_name_cannot_fake_a_line_or_drive_the_terminal(
     assert "\x1b" not in err and not any(
         line.startswith("refused: nothing") for line in err.splitlines()
     )
+
+
+def test_a_bundle_refused_when_written_is_named_and_the_rest_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused against what is stored (a BSN another patient has): exit 1, not an abort."""
+    config = node_config(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "a.json").write_text(json.dumps(bundle_of(dutch_patient("p1", "111222333"))))
+    (first / "b.json").write_text(json.dumps(bundle_of(dutch_patient("p2", "123456782"))))
+    assert admin.main(["ingest", "--config", str(config), str(first)]) == 0
+    capsys.readouterr()
+    # p2 now claims p1's BSN; d.json is a new patient.
+    (second / "c.json").write_text(json.dumps(bundle_of(dutch_patient("p2", "111222333"))))
+    (second / "d.json").write_text(json.dumps(bundle_of(dutch_patient("p3", "999990019"))))
+
+    assert admin.main(["ingest", "--config", str(config), str(second)]) == 1
+    captured = capsys.readouterr()
+    assert f"refused: {second / 'c.json'}: " in captured.err
+    assert "belongs to another patient" in captured.err
+    assert captured.out.strip().startswith(f"1 bundle from {second}: 1 patient, ")
+    assert captured.out.strip().endswith("; 1 refused")
