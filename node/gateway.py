@@ -306,6 +306,11 @@ class Gateway:
             if window is not None:
                 log.warning("%s; not asking it for %.1f s", error, window)
             raise
+        except PermissionDenied as refused:
+            # This node is refused (its certificate revoked): the network cannot
+            # answer it, which is not "no facility knows the patient".
+            self._registry_health.abandoned(attempt)
+            raise Unavailable(f"this node is refused by the {refused}") from None
         except BaseException:
             # Refused or cancelled: no verdict on a hang, and a probe may be tried again.
             self._registry_health.abandoned(attempt)

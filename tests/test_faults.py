@@ -29,6 +29,7 @@ from node.consent_desk import ConsentDesk
 from node.gateway import REGISTRY_DOWN
 from node.ingest import ingest_file
 from node.server import NodeServer
+from registry import operator
 from registry.server import RegistryServer
 from tests.conftest import (
     NetworkFactory,
@@ -396,6 +397,26 @@ async def test_registry_down_leaves_a_refusal_in_its_own_words(
     assert denied.status == "consent-denied" and REGISTRY_DOWN not in denied.message
     assert results and all(REGISTRY_DOWN in r.message for r in results.values())
     await _restart_registry(net, address)
+
+
+async def test_a_revoked_node_is_told_the_network_cannot_answer_it(
+    network: NetworkFactory, synthetic_bundles: Path
+) -> None:
+    net = await network(n=2)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    bsn = bsn_of(plan, at_least(plan, 1)[0])
+    await operator.revoke(net.root / "registry.db", net.nodes[1].config.organisation_id)
+
+    async def refused() -> bool:
+        try:
+            await collect(net.client(1), bsn)
+        except ClientError as error:
+            assert error.exit_code == 5, error  # not 1, "no facility knows the patient"
+            return "revoked" in str(error)
+        return False
+
+    await wait_for(refused)
 
 
 async def _start_hung_registry(net: RunningNetwork, address: str) -> grpc.aio.Server:
