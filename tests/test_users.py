@@ -135,7 +135,12 @@ def test_user_list_and_remove_commands(tmp_path: Path) -> None:
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ["dr.a", "dr.b"]
     assert "nurse" in listed.stdout and "expires" in listed.stdout
-    token_a = admin("add", "--id", "dr.a", "--name", "Dr. A", "--role", "nurse").stdout.strip()
+    again = admin("add", "--id", "dr.a", "--name", "Dr. Other", "--role", "physician")
+    assert again.returncode == 2 and "already exists (Dr. dr.a, nurse)" in again.stderr
+    assert not again.stdout  # no token issued, the account unchanged
+    replaced = admin("add", "--id", "dr.a", "--name", "Dr. A", "--role", "nurse", "--replace")
+    token_a = replaced.stdout.strip()
+    assert replaced.returncode == 0 and token_a.startswith("tmu1_")
 
     removed = admin("remove", "--id", "dr.a")
     assert removed.returncode == 0 and "removed dr.a" in removed.stdout
@@ -156,3 +161,4 @@ def test_user_list_and_remove_commands(tmp_path: Path) -> None:
         logged = db.execute("SELECT action, outcome_reason FROM audit_log ORDER BY seq").fetchall()
     assert [action for action, _ in logged] == ["user-add"] * 3 + ["user-remove"]
     assert logged[-1][1] == "dr.a" and all("tmu1_" not in reason for _, reason in logged)
+    assert "replaced Dr. dr.a (nurse): old token ended" in logged[2][1]

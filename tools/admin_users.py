@@ -31,9 +31,11 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
     )
     add = actions.add_parser(
         "add",
-        help="add a clinician (or issue them a new token) and print the token",
+        help="add a clinician (or, with --replace, issue them a new token) and print the token",
         description="Add a clinician to a node's user store and print their bearer token "
-        "on stdout, once. Adding an existing id replaces their token.",
+        "on stdout, once. An existing id is refused unless --replace is given: then the "
+        "account gets the name, role and a new token given here, and its old token stops "
+        "working (a renewal, or a token to take back).",
     )
     add.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     add.add_argument("--id", dest="user_id", required=True, help="clinician id, e.g. dr.jansen")
@@ -42,6 +44,10 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
     add.add_argument(
         "--days", type=int, default=DEFAULT_TOKEN_DAYS,
         help=f"days the token stays valid (default {DEFAULT_TOKEN_DAYS})",
+    )  # fmt: skip
+    add.add_argument(
+        "--replace", action="store_true",
+        help="the id exists: replace its account and token (the old token stops working)",
     )  # fmt: skip
     listing = actions.add_parser("list", help="every clinician of the node and when tokens expire")
     listing.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
@@ -59,9 +65,7 @@ async def run_user_command(args: argparse.Namespace) -> int:
     try:
         clinicians = Clinicians(store)
         if args.user_command == "add":
-            token = await clinicians.add(args.user_id, args.name, args.role, args.days)
-            await _audit(store, "user-add", f"{args.user_id} ({args.role}), {args.days} days")
-            print(token)
+            return await _add(store, clinicians, args)
         elif args.user_command == "list":
             _print_users(await clinicians.list())
         else:
@@ -73,6 +77,25 @@ async def run_user_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         await store.close()
+    return 0
+
+
+async def _add(store: NodeStore, clinicians: Clinicians, args: argparse.Namespace) -> int:
+    """Add, or with --replace re-issue; an existing id without it is exit 2, changing nothing."""
+    existing = next((u for u in await clinicians.list() if u.user_id == args.user_id), None)
+    if existing is not None and not args.replace:
+        print(printable(
+            f"transmural-admin: clinician {args.user_id} already exists ({existing.display_name}, "
+            f"{existing.role}): give --replace to issue them a new token (their old one stops "
+            "working), or choose another id"
+        ), file=sys.stderr)  # fmt: skip
+        return 2
+    token = await clinicians.add(args.user_id, args.name, args.role, args.days)
+    what = f"{args.user_id} ({args.role}), {args.days} days"
+    if existing is not None:
+        what += f"; replaced {existing.display_name} ({existing.role}): old token ended"
+    await _audit(store, "user-add", what)
+    print(token)
     return 0
 
 
