@@ -74,6 +74,9 @@ def test_admin_init_invite_join_revoke(tmp_path: Path) -> None:
         assert joined.returncode == 0, joined.stderr
         assert "ura-1" in joined.stdout and "Huisartsen West (URA 1)" in joined.stdout
         assert json.loads(ready.read_text())["address"] in joined.stdout
+        # No ports given: said plainly, since they change at every start.
+        assert "note: listen = 127.0.0.1:0: the node takes a new port" in joined.stdout
+        assert "note: gateway_listen = 127.0.0.1:0" in joined.stdout
         one_line_error(admin("join", token, "--dir", str(tmp_path / "again")), 2, "already used at")
 
         revoked = admin("revoke", "--db", str(db), "--org-id", "URA 1")

@@ -117,6 +117,13 @@ async def join(args: argparse.Namespace) -> int:
     say(f"organisation: {config.organisation_name} ({config.organisation_id})")
     say(f"registry: {config.registry}")
     say(f"key, certificate, CA, network key and node.toml written to {folder}")
+    for key, address in (("listen", config.listen), ("gateway_listen", config.gateway_listen)):
+        if address.rpartition(":")[2] == "0":
+            say(
+                f"note: {key} = {address}: the node takes a new port at every start, so "
+                "clinicians' client files and peers lose it; for a real deployment give "
+                "--listen/--gateway-listen (or set them in node.toml)"
+            )
     return 0
 
 
