@@ -298,7 +298,7 @@ def _ttl_hours(text: str) -> float:
     except ValueError:
         hours = 0.0
     if not 0 < hours <= limit:
-        raise argparse.ArgumentTypeError(f"must be a number of hours from 0 to {limit:g}")
+        raise argparse.ArgumentTypeError(f"must be a number of hours above 0, at most {limit:g}")
     return hours
 
 
