@@ -264,7 +264,6 @@ class Gateway:
         try:
             holders = await self._registry_locate(pseudonym, patience_s)
         except Unavailable:
-            known = self._recent.recall(pseudonym)
             if known is None:
                 raise
             holders, age_s = known

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from node.config import NodeConfig
 from node.store import NodeStore
 from node.users import Clinicians, token_hash
+from tests.test_admin import node_config
 from transmural.errors import InvalidInput, Unauthenticated
-from transmural.pseudonym import new_network_key, write_network_key
 
 
 class FakeClock:
@@ -86,13 +85,7 @@ async def test_bad_user_refused(
 
 
 def test_user_add_command_prints_a_working_token(tmp_path: Path) -> None:
-    write_network_key(tmp_path / "network.key", new_network_key())
-    config = NodeConfig(
-        node_id="node-1", organisation_name="Test", registry="127.0.0.1:1",
-        database=tmp_path / "node.db", network_key_file=tmp_path / "network.key",
-        insecure_dev=True,
-    )  # fmt: skip
-    (tmp_path / "node.toml").write_text(config.to_toml(tmp_path))
+    node_config(tmp_path)  # node.toml and node.db beside it
     command = [sys.executable, "-m", "tools.admin", "user", "add", "--config",
                str(tmp_path / "node.toml"), "--id", "dr.a", "--name", "Dr. A"]  # fmt: skip
     ok = subprocess.run([*command, "--role", "nurse"], capture_output=True, text=True)
@@ -113,13 +106,7 @@ def test_user_add_command_prints_a_working_token(tmp_path: Path) -> None:
 
 
 def test_user_list_and_remove_commands(tmp_path: Path) -> None:
-    write_network_key(tmp_path / "network.key", new_network_key())
-    config = NodeConfig(
-        node_id="node-1", organisation_name="Test", registry="127.0.0.1:1",
-        database=tmp_path / "node.db", network_key_file=tmp_path / "network.key",
-        insecure_dev=True,
-    )  # fmt: skip
-    (tmp_path / "node.toml").write_text(config.to_toml(tmp_path))
+    node_config(tmp_path)  # node.toml and node.db beside it
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "tools.admin", "user", *args,

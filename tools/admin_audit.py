@@ -29,7 +29,7 @@ from typing import NoReturn, TypeVar
 
 import aiosqlite
 
-from node.audit import AuditLog, AuditRecord
+from node.audit import AuditLog, AuditRecord, Outcome
 from node.config import NodeConfig
 from node.store import NodeStore
 from transmural.clock import SystemClock
@@ -109,7 +109,7 @@ async def export(config_path: Path, patient_text: str, *, as_json: bool) -> int:
         await log.append(
             AuditRecord(
                 "audit-export", "granted", "local", patient_key=key, pseudonym=pseudonym,
-                clinician_id=_os_user(), organisation_id=config.organisation_id,
+                clinician_id=os_user(), organisation_id=config.organisation_id,
                 outcome_reason="access history exported with transmural-admin",
             )
         )  # fmt: skip
@@ -180,8 +180,20 @@ def _national(given: Identifier, held: Identifier | None, config: NodeConfig) ->
     return given if given.system == canonical_system(config.national_system) else None
 
 
-def _os_user() -> str:
-    """Who ran the export; containers may have no passwd entry for the uid."""
+async def record_local(
+    store: NodeStore, action: str, reason: str, outcome: Outcome = "granted"
+) -> None:
+    """An operator's action on this node (ingest, user add/remove) in its audit log.
+
+    ``reason`` says what was done, never with patient data or a token in it.
+    """
+    record = AuditRecord(action=action, outcome=outcome, side="local",
+                         outcome_reason=reason, clinician_id=os_user())  # fmt: skip
+    await AuditLog(store.database, SystemClock()).append(record)
+
+
+def os_user() -> str:
+    """Who ran the command; containers may have no passwd entry for the uid."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import os
 import sys
 import time
@@ -42,13 +41,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.ingest import bundle_files, ingest_each
 from node.records import IngestReport
 from node.store import NodeStore
+from tools.admin_audit import record_local
 from tools.render import counted, printable
-from transmural.clock import SystemClock
 from transmural.errors import InvalidBundle, InvalidInput
 from transmural.pseudonym import Pseudonymiser, read_network_key
 
@@ -258,15 +256,8 @@ def _skipped(folder: Path) -> str:
 
 async def _audit_start(store: NodeStore, item: _Batch) -> None:
     """An ingest is about to write: which folder, how many files (no patient data)."""
-    await AuditLog(store.database, SystemClock()).append(
-        AuditRecord(
-            action="ingest-start",
-            outcome="granted",
-            side="local",
-            outcome_reason=f"{counted(len(item.files), 'bundle file')} from {item.folder}",
-            clinician_id=getpass.getuser(),
-        )
-    )
+    reason = f"{counted(len(item.files), 'bundle file')} from {item.folder}"
+    await record_local(store, "ingest-start", reason)
 
 
 async def _audit_ingest(
@@ -274,15 +265,6 @@ async def _audit_ingest(
 ) -> None:
     """One audit record per ingest run: what came in, what was refused (no patient data)."""
     patients = sum(r.patients for r in reports)
-    await AuditLog(store.database, SystemClock()).append(
-        AuditRecord(
-            action="ingest",
-            outcome="error" if refused else "granted",
-            side="local",
-            outcome_reason=(
-                f"{counted(len(reports), 'bundle')} ({counted(patients, 'patient')}) from {path}"
-                + (f"; {len(refused)} refused" if refused else "")
-            ),
-            clinician_id=getpass.getuser(),
-        )
-    )
+    reason = f"{counted(len(reports), 'bundle')} ({counted(patients, 'patient')}) from {path}"
+    reason += f"; {len(refused)} refused" if refused else ""
+    await record_local(store, "ingest", reason, "error" if refused else "granted")

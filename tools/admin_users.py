@@ -8,18 +8,16 @@ ends a clinician's access at once (a leaked token, someone who left).
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 import time
 from datetime import UTC, datetime
 
-from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.records import UserRecord
 from node.store import NodeStore
 from node.users import DEFAULT_TOKEN_DAYS, ROLES, Clinicians
+from tools.admin_audit import record_local
 from tools.render import printable
-from transmural.clock import SystemClock
 from transmural.errors import NotFound
 from transmural.process import given_path
 
@@ -70,7 +68,7 @@ async def run_user_command(args: argparse.Namespace) -> int:
             _print_users(await clinicians.list())
         else:
             await clinicians.remove(args.user_id)
-            await _audit(store, "user-remove", args.user_id)
+            await record_local(store, "user-remove", args.user_id)
             print(f"removed {args.user_id}: their token no longer works at this node")
     except NotFound as unknown:
         print(f"transmural-admin: {unknown}", file=sys.stderr)
@@ -94,16 +92,9 @@ async def _add(store: NodeStore, clinicians: Clinicians, args: argparse.Namespac
     what = f"{args.user_id} ({args.role}), {args.days} days"
     if existing is not None:
         what += f"; replaced {existing.display_name} ({existing.role}): old token ended"
-    await _audit(store, "user-add", what)
+    await record_local(store, "user-add", what)
     print(token)
     return 0
-
-
-async def _audit(store: NodeStore, action: str, what: str) -> None:
-    """Who gave or took a clinician's access, in the node's audit log (never the token)."""
-    record = AuditRecord(action=action, outcome="granted", side="local",
-                         outcome_reason=what, clinician_id=getpass.getuser())  # fmt: skip
-    await AuditLog(store.database, SystemClock()).append(record)
 
 
 def _print_users(users: list[UserRecord]) -> None:
