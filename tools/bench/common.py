@@ -21,6 +21,8 @@ from transmural import pki, transport
 
 ECHO_METHOD = "/bench.Echo/Echo"
 ECHO_STREAM_METHOD = "/bench.Echo/Stream"
+RELAY_FAN_METHOD = "/bench.Relay/Fan"
+RELAY_STREAM_METHOD = "/bench.Relay/Stream"
 
 
 @dataclass
@@ -154,6 +156,45 @@ def echo_server(tls: transport.TlsFiles) -> tuple[grpc.aio.Server, str]:
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
     })])  # fmt: skip
     return server, transport.bind(server, "127.0.0.1:0", tls, client_certificates=True)
+
+
+# --- a plain relay: the gateway's shape with none of its work ---
+
+
+def relay_server(
+    tls: transport.TlsFiles, client_tls: transport.TlsFiles, upstreams: list[str]
+) -> tuple[grpc.aio.Server, str, list[grpc.aio.Channel]]:
+    """A server that passes calls on to echo servers, as a gateway does to peers; not started.
+
+    ``Fan`` calls the first n upstreams' echo at once (n: the request's
+    first two bytes, big-endian) and streams each answer back as it comes
+    (a search's shape); ``Stream`` relays the first
+    upstream's byte stream (a fetch's shape). Bytes pass through as they
+    are: no parsing, no database, no checks. What this costs against
+    calling the echo servers directly is what two hops cost on this
+    machine, whatever the relay does besides. Returns the server, its
+    address and the channels to close after it.
+    """
+    channels = [transport.open_channel(a, client_tls, pki.REGISTRY_DNS_NAME) for a in upstreams]
+    echoes = [c.unary_unary(ECHO_METHOD) for c in channels]
+    stream = channels[0].unary_stream(ECHO_STREAM_METHOD)
+
+    async def fan(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        count = int.from_bytes(request[:2], "big")
+        for answer in asyncio.as_completed([echo(request) for echo in echoes[:count]]):
+            yield await answer
+
+    async def relay(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for chunk in stream(request):
+            yield chunk
+
+    server = transport.new_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Relay", {
+        "Fan": grpc.unary_stream_rpc_method_handler(fan),
+        "Stream": grpc.unary_stream_rpc_method_handler(relay),
+    })])  # fmt: skip
+    address = transport.bind(server, "127.0.0.1:0", tls, client_certificates=True)
+    return server, address, channels
 
 
 # --- a registry (and echo server) in a child process ---

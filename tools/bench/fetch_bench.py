@@ -5,6 +5,11 @@ network; the baseline's plain streaming server is a process too. The
 document's content is replaced by ``size`` bytes before node-2 starts
 (written straight into its store, in the store's own chunking).
 
+Between the two, a plain relay process passes the plain server's stream
+on, bytes as they are: the fetch's two-hop shape (clinician -> own node
+-> holder) with none of its work, so its ratio to the one-hop baseline is
+what the second hop alone costs on this machine.
+
 Memory: the peak resident size of both node processes is reset before
 each fetch and read after it (``/proc/<pid>/clear_refs``, VmHWM); the
 growth is what one fetch of that size cost, to compare with the chunk
@@ -20,11 +25,12 @@ from typing import BinaryIO
 
 from node.store import NodeStore
 from registry.network import load_network
-from tools.bench.common import ECHO_STREAM_METHOD, Figure, mint_node
+from tools.bench.common import ECHO_STREAM_METHOD, RELAY_STREAM_METHOD, Figure, mint_node
 from tools.bench.processes import (
     cpu_seconds,
     echo_processes,
     node_processes,
+    relay_process,
     reset_peak,
     resident_bytes,
 )
@@ -103,13 +109,26 @@ async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
         network = load_network(net.network_dir)
         tls = mint_node(network, "bench-client")
         pids = [server.process.pid for server in net.nodes]
-        async with echo_processes(1, network.tls) as (address,):
+        async with (
+            echo_processes(1, network.tls) as (address,),
+            relay_process(network.tls, mint_node(network, "bench-relay"), [address]) as relay,
+        ):
             plain = transport.open_channel(address, tls, pki.REGISTRY_DNS_NAME)
             stream = plain.unary_stream(ECHO_STREAM_METHOD)
+            relayed = transport.open_channel(relay, tls, pki.REGISTRY_DNS_NAME)
+            relayed_stream = relayed.unary_stream(RELAY_STREAM_METHOD)
             figure = Figure(
                 f"Document fetch, {size / 1e6:g} MB, gateway -> peer", "MB/s",
                 f"plain gRPC server streaming of the same bytes in the same "
                 f"{FETCH_PIECE_BYTES // 1024} KiB messages, one process to the client", 0.7,
+            )  # fmt: skip
+            shape = Figure(
+                f"Plain relay fetch, {size / 1e6:g} MB, one relay process", "MB/s",
+                "the same plain stream straight from its process (the fetch's baseline)", None,
+            )  # fmt: skip
+            work = Figure(
+                f"Document fetch, {size / 1e6:g} MB, against the plain relay", "MB/s",
+                "the plain relay of the same bytes", None,
             )  # fmt: skip
             growth = [0, 0]
             cpu = [0.0, 0.0, 0.0]  # asking node, holding node, client: seconds over all reps
@@ -125,9 +144,17 @@ async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
                             peak = resident_bytes(pid, "VmHWM") - before
                             growth[side] = max(growth[side], peak)
                     figure.baselines.append(await _timed_stream(stream, size))
+                    shape.values.append(await _timed_stream(relayed_stream, size))
             finally:
                 await client.close()
                 await plain.close()
+                await relayed.close()
+    shape.baselines = figure.baselines
+    work.values, work.baselines = figure.values, shape.values
+    shape.notes = (
+        "the relay passes the bytes on (no parsing, database, audit or checks): what the "
+        "fetch's two hops cost on this machine with none of its work"
+    )
     figure.notes = (
         "registry, nodes and the plain server are separate processes; the fetch crosses two "
         "hops (clinician -> gateway over TLS, gateway -> peer over mutual TLS) and reads "
@@ -138,7 +165,7 @@ async def _fetch_size(root: Path, reps: int, size: int) -> list[Figure]:
             *(seconds / (size * reps / 100e6) for seconds in cpu)
         )
     )
-    return [figure]
+    return [figure, shape, work]
 
 
 async def _timed_fetch(client: GatewayClient, bsn: str, document_id: str, size: int) -> float:

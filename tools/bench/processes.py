@@ -28,7 +28,7 @@ from node.consent_desk import ConsentDesk
 from node.store import NodeStore
 from registry.network import init_network
 from tools import devnet
-from tools.bench.common import echo_server
+from tools.bench.common import echo_server, relay_server
 from tools.spread import spread
 from tools.supervise import ProcessError
 from transmural import transport
@@ -135,21 +135,54 @@ def _serve_echo(tls: transport.TlsFiles, conn: Connection) -> None:
     asyncio.run(main())
 
 
+def _serve_relay(
+    tls: transport.TlsFiles, client_tls: transport.TlsFiles, upstreams: list[str], conn: Connection
+) -> None:
+    async def main() -> None:
+        server, address, channels = relay_server(tls, client_tls, upstreams)
+        await server.start()
+        conn.send(address)
+        await asyncio.to_thread(conn.recv)
+        await server.stop(0)
+        for channel in channels:
+            await channel.close()
+
+    asyncio.run(main())
+
+
+@asynccontextmanager
+async def relay_process(
+    tls: transport.TlsFiles, client_tls: transport.TlsFiles, upstreams: list[str]
+) -> AsyncIterator[str]:
+    """A plain relay (``relay_server``) to ``upstreams`` in its own process: its address."""
+    async with _served(_serve_relay, [(tls, client_tls, upstreams)]) as (address,):
+        yield address
+
+
 @asynccontextmanager
 async def echo_processes(count: int, tls: transport.TlsFiles) -> AsyncIterator[list[str]]:
     """``count`` plain echo servers (unary and streaming), each its own process."""
+    async with _served(_serve_echo, [(tls,)] * count) as addresses:
+        yield addresses
+
+
+@asynccontextmanager
+async def _served(
+    serve: Callable[..., None], arguments: list[tuple[object, ...]]
+) -> AsyncIterator[list[str]]:
+    """One process per argument tuple running ``serve(*arguments, conn)``: their addresses."""
     context = multiprocessing.get_context("spawn")
     started = []
     try:
-        for _ in range(count):
+        for args in arguments:
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve_echo, args=(tls, theirs))
+            process = context.Process(target=serve, args=(*args, theirs))
             process.start()
             started.append((process, ours))
         addresses = []
         for _, ours in started:
             if not await asyncio.to_thread(ours.poll, 60):
-                raise ProcessError("an echo server process did not start within 60 s")
+                raise ProcessError(f"a {serve.__name__} process did not start within 60 s")
             addresses.append(ours.recv())
         yield addresses
     finally:
