@@ -190,7 +190,9 @@ class Membership:
         if self._ca_cert is None:
             raise RuntimeError("this Membership holds no CA certificate: it cannot invite")
         now = self._clock.now()
-        token = invite.new_token(join_address, pki.fingerprint(self._ca_cert), now, ttl_s)
+        token = invite.new_token(
+            join_address, pki.fingerprint(self._ca_cert), now, ttl_s, node_id=node
+        )
         record = InviteRecord(
             secret_hash=invite.secret_hash(token.secret),
             node_id=node,

@@ -349,6 +349,11 @@ def test_bootstrap_twice_changes_nothing(tmp_path: Path, registry_process: Any) 
                      "--invites-dir", invites, *specs]  # fmt: skip
     out = ok(admin(*registry_args))
     assert f"kept in {reg / NETWORK_DIR}" in out and out.count(": created ") == 2
+    # Another node's invite is refused before the join uses it up: node-2 joins with it below.
+    wrong = admin("bootstrap", "node", "--data", nodes["node-1"], "--token-file",
+                  token_path(invites, "node-2"), "--node-id", "node-1")  # fmt: skip
+    assert wrong.returncode == 2 and "for node node-2, not node-1" in wrong.stderr
+    assert "still unused" in wrong.stderr and not any(nodes["node-1"].glob("*"))
     for node_id, folder in nodes.items():
         token = token_path(invites, node_id)
         out = ok(admin("bootstrap", "node", "--data", folder, "--token-file", token,

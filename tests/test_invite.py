@@ -44,6 +44,13 @@ def test_round_trip() -> None:
     assert len(token.secret) == 32
 
 
+def test_node_id_carried_and_tokens_without_it_still_read() -> None:
+    token = new_token("registry.example:7443", FINGERPRINT, NOW, node_id="huisarts-7")
+    assert decode(encode(token)).node_id == "huisarts-7"
+    older = decode(forge(fields()))  # made before tokens named their node
+    assert older.node_id == "" and older.expires_at == NOW
+
+
 def test_round_trip_lan_discovery_and_ipv6() -> None:
     for registry in ("", "[::1]:7443", "10.0.0.5:1"):
         token = new_token(registry, FINGERPRINT, NOW, ttl_s=60)
@@ -123,6 +130,8 @@ def test_other_version_named() -> None:
         (fields(e=1.5), "expiry is not a positive whole number"),
         (fields(e=True), "expiry is not a positive whole number"),
         (fields(r=7443), "fields of the wrong type"),
+        (fields(n=7), "fields of the wrong type"),
+        (fields(n="Node 1"), "node id is not 1-64 lowercase"),
         ({"r": "", "f": FINGERPRINT}, "does not have the fields of an invite"),
         (fields(x=1), "does not have the fields of an invite"),
         ([1, 2, 3], "does not have the fields of an invite"),

@@ -213,8 +213,9 @@ async def ensure_joined(
         )
     if token_text is None:
         raise ConfigError(f"{node_dir} holds no joined node, and no invite token was given")
+    _check_invited_id(token_text, node_id)
     joined = await _join(token_text, node_dir, discover_on, wait_s)
-    if node_id is not None and joined.node_id != node_id:
+    if node_id is not None and joined.node_id != node_id:  # a token that did not say its node
         raise ConfigError(
             f"the invite was for node {joined.node_id}, not {node_id}: {node_dir} now holds "
             f"{joined.node_id}'s key and certificate; empty it and use {node_id}'s invite"
@@ -246,6 +247,16 @@ async def _audit_join(config: NodeConfig) -> None:
         )  # fmt: skip
     finally:
         await store.close()
+
+
+def _check_invited_id(token_text: str, node_id: str | None) -> None:
+    """Refuse another node's invite before joining uses it up (tokens that name their node)."""
+    invited = invite.decode(token_text).node_id
+    if node_id is not None and invited and invited != node_id:
+        raise ConfigError(
+            f"this invite is for node {invited}, not {node_id}; it is still unused: "
+            f"give it to {invited} and use {node_id}'s own invite"
+        )
 
 
 def _check_kept(config: NodeConfig, node_id: str | None, token_text: str | None) -> None:

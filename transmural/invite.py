@@ -12,7 +12,11 @@ Text form, meant to survive e-mail and copy-paste::
     tmi1.<base64url, no padding, of compact JSON>.<first 8 hex of SHA-256 of the base64 part>
 
 JSON keys are short to keep the token short: ``r`` registry, ``f`` CA
-fingerprint, ``s`` secret (base64url), ``e`` expiry (epoch seconds). The
+fingerprint, ``s`` secret (base64url), ``e`` expiry (epoch seconds), and
+``n`` the node id the registry will give (absent from tokens made before
+it was added). ``n`` lets a node that must have a given id refuse another
+node's token before the one-time join uses it up; the registry's own
+record, not the token, decides the id. The
 checksum catches a token damaged in transit; it is no defence against a
 forger, who gains nothing anyway: a changed secret is refused by the
 registry and a changed fingerprint makes the node refuse the registry.
@@ -40,6 +44,8 @@ _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _CHECKSUM = re.compile(r"[0-9a-fA-F]{8}")
 _OTHER_VERSION = re.compile(r"tmi\d+")
+_NODE_ID = re.compile(r"[a-z0-9-]{1,64}")  # as the registry's node ids
+_FIELDS = {"r", "f", "s", "e"}
 _SHAPE = f"expected {PREFIX}.<payload>.<checksum>"
 
 
@@ -51,6 +57,7 @@ class InviteToken:
     ca_fingerprint: str  # 64 lowercase hex: SHA-256 of the CA certificate (DER)
     secret: bytes = field(repr=False)  # 32 random bytes; kept out of logs
     expires_at: int  # epoch seconds
+    node_id: str = ""  # the id the node will get; "" in tokens made before it was carried
 
     def __post_init__(self) -> None:
         if self.registry and not _valid_address(self.registry):
@@ -65,10 +72,14 @@ class InviteToken:
             raise InvalidInput(f"the invite token's secret is not {SECRET_BYTES} bytes")
         if type(self.expires_at) is not int or self.expires_at <= 0:
             raise InvalidInput("the invite token's expiry is not a positive whole number")
+        if self.node_id and not _NODE_ID.fullmatch(self.node_id):
+            raise InvalidInput(
+                "the invite token's node id is not 1-64 lowercase letters, digits and '-'"
+            )
 
 
 def new_token(
-    registry: str, ca_fingerprint: str, now: float, ttl_s: int = DEFAULT_TTL_S
+    registry: str, ca_fingerprint: str, now: float, ttl_s: int = DEFAULT_TTL_S, node_id: str = ""
 ) -> InviteToken:
     """A fresh token with a random secret, valid for ``ttl_s`` seconds from ``now``."""
     if ttl_s <= 0:
@@ -78,6 +89,7 @@ def new_token(
         ca_fingerprint=ca_fingerprint.strip().lower(),
         secret=os.urandom(SECRET_BYTES),
         expires_at=int(now) + ttl_s,
+        node_id=node_id,
     )
 
 
@@ -89,6 +101,8 @@ def encode(token: InviteToken) -> str:
         "s": _b64encode(token.secret),
         "e": token.expires_at,
     }
+    if token.node_id:
+        document["n"] = token.node_id
     payload = _b64encode(json.dumps(document, separators=(",", ":")).encode("ascii"))
     return f"{PREFIX}.{payload}.{_checksum(payload)}"
 
@@ -111,9 +125,9 @@ def decode(text: str) -> InviteToken:
         document = json.loads(_b64decode(payload))
     except (ValueError, binascii.Error):
         raise InvalidInput("the invite token is damaged: its payload cannot be decoded") from None
-    if not isinstance(document, dict) or set(document) != {"r", "f", "s", "e"}:
+    if not isinstance(document, dict) or set(document) - {"n"} != _FIELDS:
         raise InvalidInput("the invite token's payload does not have the fields of an invite")
-    if not all(isinstance(document[k], str) for k in "rfs"):
+    if not all(isinstance(document.get(k, ""), str) for k in "rfsn"):
         raise InvalidInput("the invite token's payload has fields of the wrong type")
     try:
         secret = _b64decode(document["s"])
@@ -124,6 +138,7 @@ def decode(text: str) -> InviteToken:
         ca_fingerprint=document["f"],
         secret=secret,
         expires_at=document["e"],
+        node_id=document.get("n", ""),
     )
 
 
