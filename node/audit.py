@@ -109,7 +109,7 @@ ACTIONS: tuple[str, ...] = (
     "search", "search-answer", "fetch", "fetch-answer", "report", "report-answer",
     "consent-add", "consent-withdraw", "consent-import",
     "break-the-glass", "ingest-start", "ingest", "join", "index-publish", "audit-export",
-    "user-add", "user-remove",
+    "user-add", "user-remove", "sign-in",
 )  # fmt: skip
 _ACTION = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 

@@ -209,7 +209,7 @@ class NodeServer:
         server = transport.new_server()
         gateway_pb2_grpc.add_GatewayServicer_to_server(
             GatewayServicer(
-                gateway, Clinicians(self._store, self.clock),
+                gateway, Clinicians(self._store, self.clock, self.audit),
                 config.national_system, config.organisation_id,
             ),
             server,

@@ -124,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
         request: gateway_pb2.SearchRequest | gateway_pb2.GatewayFetchRequest,
     ) -> Requester:
-        user = await self._clinicians.authenticate(_bearer_token(context))
+        user = await self._clinicians.authenticate(_bearer_token(context), context.peer() or "")
         return Requester(
             clinician_id=user.user_id,
             display_name=user.display_name,

@@ -6,6 +6,11 @@ here by ``transmural-admin user add`` and only its SHA-256 is stored;
 ``user remove`` takes it away at once (``user list`` shows who has one).
 Single sign-on (SAML, OIDC) plugs in by replacing ``authenticate`` with a
 check of the identity provider's token that yields the same ``UserRecord``.
+
+A refused token is an access attempt, so it is written to the audit log
+(``sign-in``, denied, why, from which address; never the token): an admin
+looking into a leaked or guessed token sees the attempts where every other
+access is recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import re
 import secrets
 
+from node.audit import AuditLog, AuditRecord
 from node.records import UserRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
@@ -33,9 +39,12 @@ def token_hash(token: str) -> bytes:
 class Clinicians:
     """Adds clinicians and recognises their tokens."""
 
-    def __init__(self, store: NodeStore, clock: Clock | None = None) -> None:
+    def __init__(
+        self, store: NodeStore, clock: Clock | None = None, audit: AuditLog | None = None
+    ) -> None:
         self._store = store
         self._clock = clock or SystemClock()
+        self._audit = audit
 
     async def add(
         self, user_id: str, display_name: str, role: str, days: int = DEFAULT_TOKEN_DAYS
@@ -63,13 +72,29 @@ class Clinicians:
         if not await self._store.remove_user(user_id):
             raise NotFound(f"no clinician {user_id!r} at this node")
 
-    async def authenticate(self, token: str) -> UserRecord:
-        """The clinician a bearer token belongs to; Unauthenticated otherwise."""
+    async def authenticate(self, token: str, address: str = "") -> UserRecord:
+        """The clinician a bearer token belongs to; Unauthenticated (audited) otherwise.
+
+        ``address`` is where the call came from, for the audit record.
+        """
         if not token:
+            await self._refused(address, "no clinician token was sent")
             raise Unauthenticated("sign in first: no clinician token was sent")
         user = await self._store.user_by_token_hash(token_hash(token))
         if user is None:
+            await self._refused(address, "the token is not known at this node")
             raise Unauthenticated("this clinician token is not known at this node")
         if user.expires_at <= self._clock.now():
+            await self._refused(address, "the token has expired", user)
             raise Unauthenticated("this clinician token has expired: ask for a new one")
         return user
+
+    async def _refused(self, address: str, reason: str, user: UserRecord | None = None) -> None:
+        if self._audit is not None:
+            await self._audit.append(
+                AuditRecord(
+                    action="sign-in", outcome="denied", side="local", outcome_reason=reason,
+                    clinician_id=user.user_id if user else "", role=user.role if user else "",
+                    requesting_address=address,
+                )
+            )  # fmt: skip

@@ -461,6 +461,14 @@ async def test_a_token_is_good_only_at_the_node_that_issued_it(network: NetworkF
     for index in (0, 1):
         events = await gateway_search(net, index, net.tokens[index])
         assert events and events[0].HasField("located")
+    # The refused attempt is in node-2's audit log, with where it came from, never the token.
+    async with net.nodes[1].store.database.read("test") as db:
+        rows = await db.execute_fetchall(
+            "SELECT outcome, outcome_reason, requesting_address, clinician_id FROM audit_log"
+            " WHERE action = 'sign-in'"
+        )
+    assert [tuple(r[:2]) for r in rows] == [("denied", "the token is not known at this node")]
+    assert "127.0.0.1" in rows[0][2] and net.tokens[0] not in str(tuple(rows[0]))
 
 
 @pytest.mark.parametrize("purpose", ["research", "billing", "TREATMENT", "treatment "])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from node.audit import AuditLog
 from node.store import NodeStore
 from node.users import Clinicians, token_hash
 from tests.test_admin import node_config
@@ -48,9 +49,10 @@ async def test_unknown_expired_and_replaced_tokens_refused(tmp_path: Path) -> No
     store = await NodeStore.open(tmp_path / "node.db")
     clock = FakeClock()
     try:
-        clinicians = Clinicians(store, clock)
+        audit = AuditLog(store.database, clock)
+        clinicians = Clinicians(store, clock, audit)
         with pytest.raises(Unauthenticated, match="no clinician token"):
-            await clinicians.authenticate("")
+            await clinicians.authenticate("", "ipv4:127.0.0.1:5000")
         with pytest.raises(Unauthenticated, match="not known"):
             await clinicians.authenticate("tmu1_made-up")
         old = await clinicians.add("nurse.a", "Nurse A", "nurse", days=1)
@@ -60,8 +62,22 @@ async def test_unknown_expired_and_replaced_tokens_refused(tmp_path: Path) -> No
         clock.t += 2 * 86400
         with pytest.raises(Unauthenticated, match="expired"):
             await clinicians.authenticate(new)
+        await clinicians.authenticate(await clinicians.add("nurse.b", "Nurse B", "nurse"))
     finally:
         await store.close()
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        refused = db.execute(
+            "SELECT outcome, outcome_reason, clinician_id, requesting_address FROM audit_log"
+            " WHERE action = 'sign-in' ORDER BY seq"
+        ).fetchall()
+    # Every refusal is an audited access attempt (a good sign-in is audited by what it asks).
+    assert refused == [
+        ("denied", "no clinician token was sent", "", "ipv4:127.0.0.1:5000"),
+        ("denied", "the token is not known at this node", "", ""),
+        ("denied", "the token is not known at this node", "", ""),
+        ("denied", "the token has expired", "nurse.a", ""),
+    ]
+    assert old.encode() not in (tmp_path / "node.db").read_bytes()
 
 
 @pytest.mark.parametrize(
