@@ -502,6 +502,8 @@ async def test_cli_add_list_withdraw(node: Path) -> None:
     done = admin("consent", "add", "--config", node, BSN_A, "--permit", "--organisation",
                  "URA-2", "--recorded-by", "desk")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # This node's registry (127.0.0.1:1) is down: recorded, saying it was not checked.
+    assert "'URA-2' not checked against the network's members" in done.stderr
     first, second = listed(node)
     assert first == {
         "consent_id": first["consent_id"], "decision": "deny", "actor_kind": "category",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from node.consent_desk import ConsentDesk
 from node.records import IndexChange
 from node.registry_link import RegistryLink
 from tests.conftest import NetworkFactory, RunningNetwork, collect, node_tls
+from tests.test_consent import BSN_A, add_patients, admin, listed
 from tests.test_search import bsn_of
+from tools.bootstrap import write_node_config
 from tools.gateway_client import ClientError
 from transmural.errors import InvalidInput, Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical
@@ -278,3 +281,26 @@ async def test_a_flood_of_consents_is_refused(net: RunningNetwork, synthetic_bun
     with pytest.raises(InvalidInput, match="at most 50 active consents"):
         await desk.record(flood)
     assert await net.nodes[1].store.consents_of(key) == []  # all or nothing
+
+
+async def test_an_organisation_no_member_has_is_refused_unless_said_so(
+    network: NetworkFactory,
+) -> None:
+    """A mistyped URA in a deny would match no one: the admin is told before it is recorded."""
+    net = await network(n=2)
+    node = net.nodes[0]
+    await add_patients(node.store, BSN_A)
+    config = write_node_config(node.config.database.parent, node.config)
+
+    async def add(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(admin, "consent", "add", "--config", config, BSN_A,
+                                       "--deny", "--recorded-by", "desk", *args)  # fmt: skip
+
+    typo = await add("--organisation", "URA-9000002")
+    assert typo.returncode == 2, typo.stderr
+    assert "no member of the network has organisation id 'URA-9000002'" in typo.stderr
+    assert "(members: URA-90000001, URA-90000002)" in typo.stderr
+    assert listed(config) == []  # nothing recorded
+    assert (await add("--organisation", "URA-90000002")).returncode == 0
+    assert (await add("--organisation", "URA-9000002", "--not-yet-joined")).returncode == 0
+    assert [r["actor"] for r in listed(config)] == ["URA-90000002", "URA-9000002"]

@@ -7,6 +7,12 @@
   consent import --config NODE.toml IDENTIFIER FILE.json   a FHIR Consent or Bundle; all or none
   consent export --config NODE.toml IDENTIFIER              a FHIR Bundle of Consents on stdout
 
+An ``--organisation`` is checked against the network's members (the
+registry's directory) first: a mistyped URA would make a deny match no
+one while a broader permit lets the data flow. An id no member has is
+refused unless ``--not-yet-joined``; when the registry cannot be asked the
+consent is recorded with a warning saying it was not checked.
+
 Every change goes through ``node.consent_desk.ConsentDesk``: stored, written
 to the audit log, and the patient's registry listing queued for the
 running node to re-evaluate (the index follows consent). Exit 1 when the
@@ -44,15 +50,19 @@ from node.consent_fhir import (
     to_bundle,
 )
 from node.records import PatientRecord
+from node.registry_link import RegistryLink
 from node.store import NodeStore
 from tools.render import counted
+from transmural import transport
 from transmural.clock import SystemClock, utc_iso
-from transmural.errors import InvalidInput, NotFound
+from transmural.errors import InvalidInput, NotFound, TransmuralError
 from transmural.identifiers import canonical, parse_token
 from transmural.process import given_path
 
 #: A consent file larger than this is refused unread (a patient has a handful).
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
+#: Members named when an --organisation is refused (a national network has thousands).
+MEMBERS_SHOWN = 10
 
 
 def add_consent_commands(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +84,10 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
     decision.add_argument("--permit", action="store_true", help="the patient allows sharing")
     decision.add_argument("--deny", action="store_true", help="the patient refuses sharing")
     whom = add.add_mutually_exclusive_group()
-    whom.add_argument("--organisation", metavar="ID", help="only this organisation id (URA)")
+    whom.add_argument(
+        "--organisation", metavar="ID",
+        help="only this organisation id (URA); checked against the network's members",
+    )  # fmt: skip
     whom.add_argument(
         "--category", choices=ORGANISATION_CATEGORIES, help="only this kind of organisation"
     )
@@ -89,6 +102,10 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
     add.add_argument(
         "--until", dest="end", type=_datetime, metavar="DATE",
         help="last day (inclusive) or moment it applies; default open-ended",
+    )  # fmt: skip
+    add.add_argument(
+        "--not-yet-joined", action="store_true",
+        help="record an --organisation that no member of the network has (yet)",
     )  # fmt: skip
     add.add_argument("--recorded-by", required=True, metavar="NAME", help="who records it")
     add.add_argument(
@@ -151,7 +168,7 @@ async def run(args: argparse.Namespace) -> int:
         if patient is None:
             raise NotFound("no patient with that identifier at this node")
         if args.consent_command == "add":
-            return await _add(store, patient, args)
+            return await _add(store, patient, args, config)
         if args.consent_command == "list":
             return await _list(store, patient, args.json)
         if args.consent_command == "import":
@@ -164,12 +181,16 @@ async def run(args: argparse.Namespace) -> int:
         await store.close()
 
 
-async def _add(store: NodeStore, patient: PatientRecord, args: argparse.Namespace) -> int:
+async def _add(
+    store: NodeStore, patient: PatientRecord, args: argparse.Namespace, config: NodeConfig
+) -> int:
     now = utc_iso(SystemClock().now())
     kind: ActorKind = "all"
     actor = ""
     if args.organisation is not None:
         kind, actor = "organisation", args.organisation
+        if not args.not_yet_joined:
+            await _check_member(config, actor)
     elif args.category is not None:
         kind, actor = "category", args.category
     record = ConsentRecord(
@@ -181,6 +202,37 @@ async def _add(store: NodeStore, patient: PatientRecord, args: argparse.Namespac
     await ConsentDesk(store).record([record])
     print(f"recorded {describe(record)}, {_period(record)}")
     return 0
+
+
+async def _check_member(config: NodeConfig, organisation_id: str) -> None:
+    """InvalidInput for an organisation id no member has; a warning when none could be asked."""
+    link = RegistryLink(config.registry, _tls(config))
+    try:
+        members = {f.organisation_id for f in await link.list_nodes()}
+    except TransmuralError as error:
+        print(
+            f"transmural-admin: warning: {organisation_id!r} not checked against the network's "
+            f"members ({error}); recording it as given",
+            file=sys.stderr,
+        )
+        return
+    finally:
+        await link.close()
+    if organisation_id not in members:
+        more = ", ..." if len(members) > MEMBERS_SHOWN else ""
+        shown = ", ".join(sorted(members)[:MEMBERS_SHOWN]) + more
+        raise InvalidInput(
+            f"no member of the network has organisation id {organisation_id!r} "
+            f"(members: {shown or 'none'}); check it for a typo, or give --not-yet-joined "
+            "to record it for an organisation that has not joined"
+        )
+
+
+def _tls(config: NodeConfig) -> transport.TlsFiles | None:
+    if config.insecure_dev:
+        return None
+    assert config.ca_certificate and config.certificate and config.private_key
+    return transport.TlsFiles.load(config.ca_certificate, config.certificate, config.private_key)
 
 
 async def _list(store: NodeStore, patient: PatientRecord, as_json: bool) -> int:
