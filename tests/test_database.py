@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from node.migrations import MIGRATIONS as NODE_MIGRATIONS
+from node.store import NodeStore
+from registry.store import RegistryStore
 from transmural.clock import SystemClock
-from transmural.database import Database
+from transmural.database import APPLICATION_IDS, Database, statements
 from transmural.errors import ConfigError
 
 CREATE = """
@@ -157,3 +160,38 @@ async def test_run_finishes_its_transaction_when_the_caller_is_cancelled(tmp_pat
             await conn.execute("INSERT INTO t (x) VALUES (2)")
     finally:
         await db.close()
+
+
+async def test_a_node_and_a_registry_database_are_not_taken_for_each_other(
+    tmp_path: Path,
+) -> None:
+    node_db, registry_db = tmp_path / "node.db", tmp_path / "registry.db"
+    await (await NodeStore.open(node_db)).close()
+    await (await RegistryStore.open(registry_db)).close()
+    before = {p: p.read_bytes() for p in (node_db, registry_db)}
+
+    with pytest.raises(ConfigError, match=f"{node_db} is a node's database, not a registry's"):
+        await RegistryStore.open(node_db)
+    with pytest.raises(ConfigError, match=f"{registry_db} is a registry's database, not a node's"):
+        await NodeStore.open(registry_db)
+    assert {p: p.read_bytes() for p in before} == before  # nothing migrated onto either
+
+
+async def test_a_database_from_before_the_mark_is_recognised_and_marked(tmp_path: Path) -> None:
+    older, foreign = tmp_path / "older.db", tmp_path / "foreign.db"
+    with sqlite3.connect(older) as db:  # a node database as made before the mark: no id
+        for statement in statements(NODE_MIGRATIONS[0]):
+            db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        db.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00Z')")
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+
+    await (await NodeStore.open(older)).close()
+    with sqlite3.connect(older) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_IDS["node"]
+    with pytest.raises(ConfigError, match=r"holds tables, but not a registry's \(no "):
+        await RegistryStore.open(foreign)
+    with sqlite3.connect(foreign) as db:  # untouched: no schema_version, no mark
+        assert db.execute("PRAGMA application_id").fetchone()[0] == 0
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["customers"]

@@ -19,6 +19,12 @@ missing ones in one transaction and records each in ``schema_version``, so two
 processes opening one file at once cannot both apply a script. A database
 newer than the code, or a file that is not a usable database, is a
 ConfigError naming the file.
+
+Whose database a file is stands in SQLite's ``application_id`` header
+field, so a node's database given to the registry (or the other way
+round, or another program's SQLite file) is refused as such before any
+migration touches it. A file from before the mark is recognised by the
+tables of its first migration, then marked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -42,6 +49,11 @@ from transmural.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
+
+#: SQLite ``application_id`` of each kind of database ("TMND", "TMRG").
+APPLICATION_IDS = {"node": 0x544D4E44, "registry": 0x544D5247}
+
+_CREATED_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE)
 
 _SCHEMA_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -60,6 +72,7 @@ class Database:
         self._connection = connection
         self._clock = clock
         self._owner = owner
+        self._path = path
         #: How errors and logs name this database: "node database /var/node.db".
         self._name = f"{owner} database {path}"
         self._lock = asyncio.Lock()
@@ -188,6 +201,7 @@ class Database:
         """Bring the schema to ``len(migrations)`` in one transaction."""
         latest = len(migrations)
         async with self.transaction("migrate") as db:
+            await self._check_kind(db, migrations)
             await db.execute(_SCHEMA_VERSION_TABLE)
             rows = list(await db.execute_fetchall("SELECT max(version) FROM schema_version"))
             current = int(rows[0][0] or 0)
@@ -205,6 +219,37 @@ class Database:
                     (version, applied_at),
                 )
                 log.info("%s migrated to schema version %d", self._name, version)
+
+    async def _check_kind(self, db: aiosqlite.Connection, migrations: Sequence[str]) -> None:
+        """ConfigError unless the file is empty or this owner's; marks it as this owner's.
+
+        An owner without an id (a test's) neither checks nor marks.
+        """
+        ours = APPLICATION_IDS.get(self._owner)
+        marked = int(next(iter(await db.execute_fetchall("PRAGMA application_id")))[0])
+        if ours is None or marked == ours:
+            return
+        if marked:
+            other = next((o for o, i in APPLICATION_IDS.items() if i == marked), None)
+            what = f"a {other}'s database" if other else "another program's database"
+            raise ConfigError(
+                f"{self._path} is {what}, not a {self._owner}'s: "
+                f"give the {self._owner} its own database file"
+            )
+        tables = {
+            str(row[0])
+            for row in await db.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        expected = set(_CREATED_TABLE.findall(migrations[0])) if migrations else set()
+        if tables - {"schema_version"} and not expected <= tables:
+            missing = ", ".join(sorted(expected - tables)[:3])
+            raise ConfigError(
+                f"{self._path} holds tables, but not a {self._owner}'s (no {missing}): "
+                f"is it another program's database? Give the {self._owner} its own file"
+            )
+        await db.execute(f"PRAGMA application_id = {ours}")
 
 
 def statements(script: str) -> list[str]:
