@@ -173,6 +173,7 @@ _INSERT = (
     f"INSERT INTO audit_log ({', '.join((*_COLUMNS, 'prev_hash', 'hash'))}) "
     f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
 )
+_LAST = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 
 
 class AuditLog:
@@ -198,13 +199,7 @@ class AuditLog:
         by the next one, in one transaction (group commit): a search
         answered by twenty facilities costs a few transactions, not twenty.
         """
-        _check(record)
-        record = dataclasses.replace(
-            record,
-            event_id=record.event_id or uuid.uuid4().hex,
-            time=_timestamp(self._clock.now()),
-            document_ids=list(record.document_ids),
-        )
+        record = stamped(record, self._clock)
         written: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
         written.add_done_callback(_observed)
         self._waiting.append((record, written))
@@ -325,11 +320,12 @@ class _ChainChecker:
             )
         try:
             record = _record(row)
+            recomputed = chain_hash(prev_hash, record)  # TypeError for a value of a wrong type
         except (ValueError, TypeError) as error:
             return f"the record is unreadable ({error}): it was changed"
         if _row(record) != tuple(row[: len(_COLUMNS)]):
             return "the record is not stored in canonical form: it was changed"
-        if not isinstance(stored_hash, bytes) or chain_hash(prev_hash, record) != stored_hash:
+        if not isinstance(stored_hash, bytes) or recomputed != stored_hash:
             return "hash mismatch: the record was changed"
         return None
 
@@ -353,6 +349,34 @@ def _check(record: AuditRecord) -> None:
         raise ValueError("audit document_ids must be strings")
 
 
+def stamped(record: AuditRecord, clock: Clock) -> AuditRecord:
+    """``record`` checked (ValueError if malformed), with its time and an event id."""
+    _check(record)
+    return dataclasses.replace(
+        record,
+        event_id=record.event_id or uuid.uuid4().hex,
+        time=_timestamp(clock.now()),
+        document_ids=list(record.document_ids),
+    )
+
+
+async def chain_within(db: aiosqlite.Connection, records: list[AuditRecord]) -> list[AuditRecord]:
+    """Chain ``stamped`` records onto the log inside the caller's open transaction.
+
+    For a change that must not exist without its record (a consent): both
+    commit together, or the caller's transaction rolls both back.
+    Unavailable when the log cannot be written.
+    """
+    try:
+        rows = list(await db.execute_fetchall(_LAST))
+        stored, values = _chained(records, rows)
+        await db.executemany(_INSERT, values)
+    except sqlite3.Error as error:
+        log.warning("%d audit record(s) not written: %s", len(records), error)
+        raise Unavailable(f"the audit log cannot be written: {error}") from error
+    return stored
+
+
 def _timestamp(epoch_seconds: float) -> str:
     """UTC ISO 8601 to the millisecond: asking and answering lines of one search line up."""
     return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="milliseconds")
@@ -364,8 +388,16 @@ def _chain_onto_log(records: list[AuditRecord], db: sqlite3.Connection) -> list[
     Runs on the database's thread inside the append's transaction, so the
     last hash cannot change between reading it and inserting after it.
     """
-    rows = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchall()
-    seq, prev_hash = (rows[0][0], bytes(rows[0][1])) if rows else (0, GENESIS)
+    stored, values = _chained(records, db.execute(_LAST).fetchall())
+    _insert(db, values)
+    return stored
+
+
+def _chained(
+    records: list[AuditRecord], last: Sequence[Sequence[Any]]
+) -> tuple[list[AuditRecord], list[tuple[Any, ...]]]:
+    """Records numbered and hashed after ``last`` (the _LAST row, if any), and their rows."""
+    seq, prev_hash = (last[0][0], bytes(last[0][1])) if last else (0, GENESIS)
     stored, values = [], []
     for record in records:
         seq += 1
@@ -374,8 +406,7 @@ def _chain_onto_log(records: list[AuditRecord], db: sqlite3.Connection) -> list[
         stored.append(chained)
         values.append((*_row(chained), prev_hash, hash_))
         prev_hash = hash_
-    _insert(db, values)
-    return stored
+    return stored, values
 
 
 def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:

@@ -76,7 +76,9 @@ _LEVEL = {"all": 1, "category": 2, "organisation": 3}
 _CONSENT_ID = re.compile(r"c-[0-9a-f]{12}")
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 _DATETIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters (C0, DEL, C1) and the invisible ones that can make a name read as
+#: another: zero-width, bidirectional overrides and isolates, line separators, BOM.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def new_consent_id() -> str:
@@ -160,6 +162,15 @@ def _problem(record: ConsentRecord) -> str:
     if (record.status == "withdrawn") != (record.withdrawn_at is not None):
         return "a withdrawn consent has a withdrawal time, an active one none"
     return ""
+
+
+def check_recorded_by(text: str) -> str:
+    """Who recorded or withdrew a consent, as the audit log names them; InvalidInput if unfit."""
+    if not _is_text(text, MAX_RECORDED_BY_LENGTH, spaces=True):
+        raise InvalidInput(
+            f"recorded by must be 1 to {MAX_RECORDED_BY_LENGTH} printable characters, not {text!r}"
+        )
+    return text
 
 
 def _is_text(text: object, limit: int, *, spaces: bool) -> bool:

@@ -3,15 +3,17 @@
 Whoever records a consent (the admin CLI at the desk, an import, devnet,
 later the patient portal) goes through ``ConsentDesk``: the consent is
 stored, the change is written to the audit log, and the patient's listing
-in the registry is queued for re-evaluation (the index follows consent).
+in the registry is queued for re-evaluation (the index follows consent),
+all in one transaction: a consent the audit log cannot record is not
+stored either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from node.audit import AuditLog, AuditRecord
-from node.consent import ConsentRecord, describe, new_consent_id
+from node.audit import AuditRecord, stamped
+from node.consent import ConsentRecord, check_recorded_by, describe, new_consent_id
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock, utc_iso
 
@@ -22,25 +24,31 @@ class ConsentDesk:
     def __init__(self, store: NodeStore, clock: Clock | None = None) -> None:
         self._store = store
         self._clock = clock or SystemClock()
-        self._audit = AuditLog(store.database, self._clock)
 
     async def record(
         self, records: Sequence[ConsentRecord], action: str = "consent-add", by: str = ""
     ) -> None:
         """Store consents (all or none), audit each, re-list their patients.
 
-        ``by`` is who made the change here (an import's operator), when it is
-        not the consent's own ``recorded_by``.
+        ``by`` is who made the change here (the admin's OS user), when it is
+        not the consent's own ``recorded_by``; the audit record names both.
         """
-        await self._store.add_consents(records)
-        for record in records:
-            await self._changed(action, record, by or record.recorded_by)
+        audit = [
+            self._audit_record(action, r, by or r.recorded_by, f"recorded by {r.recorded_by}")
+            for r in records
+        ]
+        await self._store.add_consents(records, audit)
 
-    async def withdraw(self, consent_id: str, by: str) -> ConsentRecord:
-        """Withdraw a consent; ``by`` is who withdrew it (audited)."""
-        record = await self._store.withdraw_consent(consent_id, utc_iso(self._clock.now()))
-        await self._changed("consent-withdraw", record, by)
-        return record
+    async def withdraw(self, consent_id: str, by: str, operator: str = "") -> ConsentRecord:
+        """Withdraw a consent; ``by`` is who withdrew it, ``operator`` who typed it (audited)."""
+        check_recorded_by(by)
+        return await self._store.withdraw_consent(
+            consent_id,
+            utc_iso(self._clock.now()),
+            audit=lambda withdrawn: self._audit_record(
+                "consent-withdraw", withdrawn, operator or by, f"withdrawn by {by}"
+            ),
+        )
 
     def blanket(self, patient_key: int, permit: bool, recorded_by: str) -> ConsentRecord:
         """A consent for all organisations and all data, from now on."""
@@ -52,12 +60,12 @@ class ConsentDesk:
             recorded_by=recorded_by, recorded_via="desk", recorded_at=now,
         )  # fmt: skip
 
-    async def _changed(self, action: str, record: ConsentRecord, by: str) -> None:
-        await self._audit.append(
+    def _audit_record(self, action: str, record: ConsentRecord, by: str, said: str) -> AuditRecord:
+        return stamped(
             AuditRecord(
                 action=action, outcome="granted", side="local",
-                outcome_reason=describe(record), patient_key=record.patient_key,
+                outcome_reason=f"{describe(record)}; {said}", patient_key=record.patient_key,
                 clinician_id=by, consent_rule=record.consent_id,
-            )
+            ),
+            self._clock,
         )  # fmt: skip
-        await self._store.request_index_check(record.patient_key)

@@ -216,4 +216,16 @@ _V6 = """
 ALTER TABLE documents ADD COLUMN categories TEXT NOT NULL DEFAULT '';
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
+_V7 = """
+-- Which node this database belongs to, set when a node first serves or ingests
+-- with it: a config pointing at another node's database is refused instead of
+-- serving (and publishing) that node's records under this node's name.
+CREATE TABLE node_identity (
+    only_row        INTEGER PRIMARY KEY CHECK (only_row = 1),
+    node_id         TEXT NOT NULL,
+    organisation_id TEXT NOT NULL,
+    bound_at        TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]

@@ -22,6 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
+
+from node.audit import AuditRecord, chain_within
 from node.bundle_writer import outbox_rows, write_bundle
 from node.consent import ConsentRecord
 from node.fhir import parse_reference
@@ -37,7 +40,7 @@ from node.records import (
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.const import DOCUMENT_CHUNK_BYTES, FETCH_PIECE_BYTES
 from transmural.database import Database
-from transmural.errors import InvalidInput, NotFound
+from transmural.errors import ConfigError, InvalidInput, NotFound
 from transmural.identifiers import Identifier
 
 #: Most active consents one patient may have at this node.
@@ -78,8 +81,20 @@ class NodeStore:
         self._clock = clock
 
     @classmethod
-    async def open(cls, path: Path | str, clock: Clock | None = None) -> NodeStore:
-        """Open (creating if needed) and migrate the database; ConfigError if unusable."""
+    async def open(
+        cls, path: Path | str, clock: Clock | None = None, *, existing: bool = False
+    ) -> NodeStore:
+        """Open (creating if needed) and migrate the database; ConfigError if unusable.
+
+        ``existing``: the node's database must be there already (an admin
+        command reading or changing it must not make an empty one and then
+        say the patient is unknown).
+        """
+        if existing and not await asyncio.to_thread(Path(path).is_file):
+            raise ConfigError(
+                f"no node database at {path}: is the config the right node's, "
+                "and has the node joined?"
+            )
         clock = clock or SystemClock()
         db = await Database.open(
             path, MIGRATIONS, clock, owner="node", busy_timeout_ms=BUSY_TIMEOUT_MS
@@ -88,6 +103,29 @@ class NodeStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def bind(self, node_id: str, organisation_id: str) -> None:
+        """Tie the database to this node, or ConfigError when it is another node's.
+
+        The first node to serve or ingest with it owns it from then on.
+        """
+        async with self._db.transaction("bind") as db:
+            rows = list(
+                await db.execute_fetchall("SELECT node_id, organisation_id FROM node_identity")
+            )
+            if not rows:
+                await db.execute(
+                    "INSERT INTO node_identity (only_row, node_id, organisation_id, bound_at)"
+                    " VALUES (1, ?, ?, ?)",
+                    (node_id, organisation_id, self._now()),
+                )
+                return
+        owner, organisation = rows[0]
+        if owner != node_id:
+            raise ConfigError(
+                f"the database {self._db.path} belongs to node {owner} ({organisation}), not "
+                f"{node_id}: point `database` in node.toml at this node's own file"
+            )
 
     def _now(self) -> str:
         return utc_iso(self._clock.now())
@@ -296,11 +334,7 @@ class NodeStore:
         (``node.listing``); a patient without a pseudonym is not listed anyway.
         """
         async with self._db.transaction("request_index_check") as db:
-            await db.execute(
-                "INSERT INTO index_outbox (pseudonym, withdrawn) SELECT pseudonym, 0 "
-                "FROM patients WHERE patient_key = ? AND pseudonym IS NOT NULL",
-                (patient_key,),
-            )
+            await _queue_index_check(db, patient_key)
 
     async def _count(self, table: str) -> int:
         rows = await self._db.fetch(f"SELECT COUNT(*) FROM {table}")
@@ -381,37 +415,20 @@ class NodeStore:
         """Record one consent; NotFound for an unknown patient, InvalidInput for a taken id."""
         await self.add_consents([record])
 
-    async def add_consents(self, records: Sequence[ConsentRecord]) -> None:
-        """Record consents in one transaction: all of them or (on any error) none."""
+    async def add_consents(
+        self, records: Sequence[ConsentRecord], audit: Sequence[AuditRecord] = ()
+    ) -> None:
+        """Record consents in one transaction: all of them or (on any error) none.
+
+        ``audit`` (stamped records) is chained onto the audit log in the same
+        transaction, and each patient's listing is queued for re-evaluation:
+        a consent is never stored without its audit record, nor the reverse.
+        """
         async with self._db.transaction("add_consents") as db:
-            for record in records:
-                known = await db.execute_fetchall(
-                    "SELECT 1 FROM patients WHERE patient_key = ?", (record.patient_key,)
-                )
-                if not known:
-                    raise NotFound(f"no patient with key {record.patient_key} at this node")
-                held = list(
-                    await db.execute_fetchall(
-                        "SELECT COUNT(*) FROM consents WHERE patient_key = ? AND status = 'active'",
-                        (record.patient_key,),
-                    )
-                )
-                if held[0][0] >= MAX_ACTIVE_CONSENTS:
-                    # Every decision reads them all: a flood would slow every answer.
-                    raise InvalidInput(
-                        f"a patient has at most {MAX_ACTIVE_CONSENTS} active consents here; "
-                        "withdraw some first"
-                    )
-                taken = await db.execute_fetchall(
-                    "SELECT 1 FROM consents WHERE consent_id = ?", (record.consent_id,)
-                )
-                if taken:
-                    raise InvalidInput(f"consent {record.consent_id} is already recorded here")
-                await db.execute(
-                    f"INSERT INTO consents ({_CONSENT_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _consent_row(record),
-                )
+            await _insert_consents(db, records)
+            for patient_key in {record.patient_key for record in records}:
+                await _queue_index_check(db, patient_key)
+            await chain_within(db, list(audit))
 
     async def consents_of(self, patient_key: int) -> list[ConsentRecord]:
         """The patient's consents, withdrawn ones included, in the order recorded here."""
@@ -431,11 +448,18 @@ class NodeStore:
         )
         return [_consent(row) for row in rows]
 
-    async def withdraw_consent(self, consent_id: str, when: str | None = None) -> ConsentRecord:
+    async def withdraw_consent(
+        self,
+        consent_id: str,
+        when: str | None = None,
+        audit: Callable[[ConsentRecord], AuditRecord] | None = None,
+    ) -> ConsentRecord:
         """Mark a consent withdrawn (it stays, for the record) and return it as it now is.
 
         NotFound for an unknown id; InvalidInput when it was withdrawn before.
-        ``when`` (a FHIR dateTime) defaults to now.
+        ``when`` (a FHIR dateTime) defaults to now. ``audit`` makes the
+        (stamped) audit record of the withdrawn consent, chained in the same
+        transaction, which also queues the patient's listing.
         """
         when = when or self._now()
         async with self._db.transaction("withdraw_consent") as db:
@@ -452,7 +476,50 @@ class NodeStore:
                 "UPDATE consents SET status = 'withdrawn', withdrawn_at = ? WHERE consent_id = ?",
                 (when, consent_id),
             )
+            if audit is not None:
+                await _queue_index_check(db, record.patient_key)
+                await chain_within(db, [audit(withdrawn)])
             return withdrawn
+
+
+async def _insert_consents(db: aiosqlite.Connection, records: Sequence[ConsentRecord]) -> None:
+    """Insert consents, refusing an unknown patient, a full patient or a taken id."""
+    for record in records:
+        known = await db.execute_fetchall(
+            "SELECT 1 FROM patients WHERE patient_key = ?", (record.patient_key,)
+        )
+        if not known:
+            raise NotFound(f"no patient with key {record.patient_key} at this node")
+        held = list(
+            await db.execute_fetchall(
+                "SELECT COUNT(*) FROM consents WHERE patient_key = ? AND status = 'active'",
+                (record.patient_key,),
+            )
+        )
+        if held[0][0] >= MAX_ACTIVE_CONSENTS:
+            # Every decision reads them all: a flood would slow every answer.
+            raise InvalidInput(
+                f"a patient has at most {MAX_ACTIVE_CONSENTS} active consents here; "
+                "withdraw some first"
+            )
+        taken = await db.execute_fetchall(
+            "SELECT 1 FROM consents WHERE consent_id = ?", (record.consent_id,)
+        )
+        if taken:
+            raise InvalidInput(f"consent {record.consent_id} is already recorded here")
+        await db.execute(
+            f"INSERT INTO consents ({_CONSENT_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _consent_row(record),
+        )
+
+
+async def _queue_index_check(db: aiosqlite.Connection, patient_key: int) -> None:
+    await db.execute(
+        "INSERT INTO index_outbox (pseudonym, withdrawn) SELECT pseudonym, 0 "
+        "FROM patients WHERE patient_key = ? AND pseudonym IS NOT NULL",
+        (patient_key,),
+    )
 
 
 def _prefixed(alias: str, columns: str) -> str:

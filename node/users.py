@@ -10,7 +10,10 @@ check of the identity provider's token that yields the same ``UserRecord``.
 A refused token is an access attempt, so it is written to the audit log
 (``sign-in``, denied, why, from which address; never the token): an admin
 looking into a leaked or guessed token sees the attempts where every other
-access is recorded.
+access is recorded. The log is append-only, so a caller without a token
+must not be able to grow it at will: past REFUSALS_PER_MINUTE in a minute
+the refusals are counted, and the count is written as one record when the
+next minute's first sign-in (refused or not) comes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherap
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 TOKEN_PREFIX = "tmu1_"
 DEFAULT_TOKEN_DAYS = 90
+#: Refused sign-ins written one by one per minute; more are written as one count.
+REFUSALS_PER_MINUTE = 60
+_MINUTE_S = 60.0
 
 
 def token_hash(token: str) -> bytes:
@@ -45,6 +51,9 @@ class Clinicians:
         self._store = store
         self._clock = clock or SystemClock()
         self._audit = audit
+        self._minute_started = self._clock.monotonic()
+        self._refused_this_minute = 0
+        self._uncounted = 0  # refusals this minute not written one by one
 
     async def add(
         self, user_id: str, display_name: str, role: str, days: int = DEFAULT_TOKEN_DAYS
@@ -77,6 +86,7 @@ class Clinicians:
 
         ``address`` is where the call came from, for the audit record.
         """
+        await self._next_minute()
         if not token:
             await self._refused(address, "no clinician token was sent")
             raise Unauthenticated("sign in first: no clinician token was sent")
@@ -89,7 +99,27 @@ class Clinicians:
             raise Unauthenticated("this clinician token has expired: ask for a new one")
         return user
 
+    async def _next_minute(self) -> None:
+        """Start a new minute once one has passed, first writing what the last one counted."""
+        now = self._clock.monotonic()
+        if now - self._minute_started < _MINUTE_S:
+            return
+        uncounted, self._uncounted = self._uncounted, 0
+        self._minute_started, self._refused_this_minute = now, 0
+        if uncounted and self._audit is not None:
+            await self._audit.append(
+                AuditRecord(
+                    action="sign-in", outcome="denied", side="local",
+                    outcome_reason=f"{uncounted} more refused sign-ins in that minute, over "
+                    f"{REFUSALS_PER_MINUTE} written one by one",
+                )
+            )  # fmt: skip
+
     async def _refused(self, address: str, reason: str, user: UserRecord | None = None) -> None:
+        self._refused_this_minute += 1
+        if self._refused_this_minute > REFUSALS_PER_MINUTE:
+            self._uncounted += 1
+            return
         if self._audit is not None:
             await self._audit.append(
                 AuditRecord(

@@ -178,6 +178,8 @@ async def test_triggers_refuse_update_and_delete(tmp_path: Path, log: AuditLog) 
         ("document_ids", '\'["doc-1", "doc-2"]\''),  # same list, other spelling
         ("break_the_glass", "1"),
         ("break_the_glass", "2"),
+        ("time", "X'00ff'"),  # a blob where text belongs
+        ("role", "7"),
         ("hash", "zeroblob(32)"),
     ],
 )

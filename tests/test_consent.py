@@ -33,13 +33,15 @@ from node.consent import (
     new_consent_id,
     span,
 )
+from node.consent_desk import ConsentDesk
 from node.migrations import MIGRATIONS
 from node.records import BundleDraft, PatientDraft
 from node.store import NodeStore
+from tools.admin_audit import os_user
 from transmural import pki
 from transmural.clock import SystemClock
 from transmural.database import Database
-from transmural.errors import InvalidInput, NotFound
+from transmural.errors import InvalidInput, NotFound, Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical
 from transmural.pseudonym import new_network_key, write_network_key
 
@@ -453,6 +455,31 @@ async def test_upgrade_turns_the_yes_no_consent_into_a_permit(tmp_path: Path) ->
         await store.close()
 
 
+async def test_a_consent_the_audit_log_cannot_record_is_not_stored(store: NodeStore) -> None:
+    """Consent, its audit record and the patient's re-listing commit together or not at all."""
+    (key,) = await add_patients(store, BSN_A)
+    desk = ConsentDesk(store)
+    kept = desk.blanket(key, True, "desk")
+    await desk.record([kept])
+
+    async def state() -> tuple[object, ...]:
+        counts = [(await store.database.fetch(f"SELECT COUNT(*) FROM {t}"))[0][0]
+                  for t in ("audit_log", "index_outbox")]  # fmt: skip
+        return await store.consents_of(key), *counts
+
+    before = await state()
+    assert before[1] > 0  # the first consent was audited
+    async with store.database.transaction("disk_full") as db:
+        await db.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'full'); END"
+        )
+    with pytest.raises(Unavailable, match="the audit log cannot be written"):
+        await desk.record([desk.blanket(key, False, "desk"), desk.blanket(key, True, "desk")])
+    with pytest.raises(Unavailable, match="the audit log cannot be written"):
+        await desk.withdraw(kept.consent_id, "desk")
+    assert await state() == before
+
+
 # --- the CLI, as a subprocess on a tmp node ---
 
 
@@ -544,6 +571,47 @@ async def test_cli_refusals(node: Path) -> None:
                  "--recorded-by", "desk")  # fmt: skip
     assert both.returncode == 2
     assert listed(node) == []
+    for hidden in ("desk\u202e", "de\u200bsk", "desk\x9b"):  # reads as "desk", is not
+        sneaky = admin("consent", "add", "--config", node, BSN_A, "--permit",
+                       "--recorded-by", hidden)  # fmt: skip
+        assert sneaky.returncode == 2 and "printable characters" in sneaky.stderr
+    assert listed(node) == []
+
+
+async def test_cli_withdraw_names_who_and_the_operator_is_audited(node: Path) -> None:
+    done = admin("consent", "add", "--config", node, BSN_A, "--permit", "--recorded-by", "desk")
+    assert done.returncode == 0, done.stderr
+    (consent,) = listed(node)
+    nameless = admin("consent", "withdraw", "--config", node, consent["consent_id"],
+                     "--recorded-by", "")  # fmt: skip
+    assert nameless.returncode == 2 and "recorded by must be" in nameless.stderr
+    assert [r["status"] for r in listed(node)] == ["active"]
+    done = admin("consent", "withdraw", "--config", node, consent["consent_id"],
+                 "--recorded-by", "J. de Vries")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(node.parent / "node.db") as db:
+        rows = db.execute(
+            "SELECT action, clinician_id, outcome_reason FROM audit_log"
+            " WHERE action LIKE 'consent-%' ORDER BY seq"
+        ).fetchall()
+    operator = os_user()  # who ran the command, beside the name typed for the record
+    assert [(a, who) for a, who, _ in rows] == [
+        ("consent-add", operator),
+        ("consent-withdraw", operator),
+    ]
+    assert rows[0][2].endswith("; recorded by desk")
+    assert rows[1][2].endswith("; withdrawn by J. de Vries")
+
+
+def test_cli_refuses_a_config_whose_database_is_missing(tmp_path: Path) -> None:
+    config = node_config(tmp_path)  # no node.db next to it
+    for args in (["consent", "list", "--config", config, BSN_A],
+                 ["audit", "export", "--config", config, "--patient", BSN_A],
+                 ["user", "list", "--config", config]):  # fmt: skip
+        refused = admin(*args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert f"no node database at {tmp_path / 'node.db'}" in refused.stderr
+    assert not (tmp_path / "node.db").exists()
 
 
 def test_decide_for_reads_the_requester() -> None:

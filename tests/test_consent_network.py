@@ -304,3 +304,14 @@ async def test_an_organisation_no_member_has_is_refused_unless_said_so(
     assert (await add("--organisation", "URA-90000002")).returncode == 0
     assert (await add("--organisation", "URA-9000002", "--not-yet-joined")).returncode == 0
     assert [r["actor"] for r in listed(config)] == ["URA-90000002", "URA-9000002"]
+
+    # An import naming that organisation is held to the same check (here: our own export).
+    exported = config.parent / "consents.json"
+    done = await asyncio.to_thread(admin, "consent", "export", "--config", config, BSN_A)
+    exported.write_text(done.stdout)
+    imported = await asyncio.to_thread(admin, "consent", "import", "--config", config, BSN_A,
+                                       exported)  # fmt: skip
+    assert imported.returncode == 2 and "organisation id 'URA-9000002'" in imported.stderr
+    past_the_check = await asyncio.to_thread(admin, "consent", "import", "--config", config,
+                                             BSN_A, exported, "--not-yet-joined")  # fmt: skip
+    assert past_the_check.returncode == 2 and "already recorded" in past_the_check.stderr

@@ -121,6 +121,13 @@ async def test_a_database_newer_than_the_software_is_refused(tmp_path: Path) -> 
         await NodeStore.open(path)
 
 
+async def test_the_first_node_to_bind_the_database_owns_it(store: NodeStore) -> None:
+    await store.bind("node-1", "URA-1")
+    await store.bind("node-1", "URA-1")  # again: nothing to say
+    with pytest.raises(ConfigError, match=r"belongs to node node-1 \(URA-1\), not node-2"):
+        await store.bind("node-2", "URA-2")
+
+
 def test_every_migration_splits_into_complete_statements() -> None:
     for script in MIGRATIONS:
         found = statements(script)

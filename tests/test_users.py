@@ -12,7 +12,7 @@ import pytest
 
 from node.audit import AuditLog
 from node.store import NodeStore
-from node.users import Clinicians, token_hash
+from node.users import REFUSALS_PER_MINUTE, Clinicians, token_hash
 from tests.test_admin import node_config
 from transmural.errors import InvalidInput, Unauthenticated
 
@@ -165,3 +165,27 @@ def test_user_list_and_remove_commands(tmp_path: Path) -> None:
     assert [action for action, _ in logged] == ["user-add"] * 3 + ["user-remove"]
     assert logged[-1][1] == "dr.a" and all("tmu1_" not in reason for _, reason in logged)
     assert "replaced Dr. dr.a (nurse): old token ended" in logged[2][1]
+
+
+async def test_a_flood_of_refused_tokens_cannot_grow_the_audit_log_at_will(tmp_path: Path) -> None:
+    store = await NodeStore.open(tmp_path / "node.db")
+    clock = FakeClock()
+    try:
+        clinicians = Clinicians(store, clock, AuditLog(store.database, clock))
+        for _ in range(REFUSALS_PER_MINUTE + 5):
+            with pytest.raises(Unauthenticated):
+                await clinicians.authenticate("tmu1_guess")
+        clock.t += 61
+        with pytest.raises(Unauthenticated):
+            await clinicians.authenticate("tmu1_guess")
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "node.db") as db:
+        reasons = [r[0] for r in db.execute(
+            "SELECT outcome_reason FROM audit_log WHERE action = 'sign-in' ORDER BY seq"
+        )]  # fmt: skip
+    assert len(reasons) == REFUSALS_PER_MINUTE + 2
+    assert reasons[-2] == (
+        f"5 more refused sign-ins in that minute, over {REFUSALS_PER_MINUTE} written one by one"
+    )
+    assert reasons[-1] == reasons[0] == "the token is not known at this node"

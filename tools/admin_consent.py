@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import sys
 from pathlib import Path
@@ -52,6 +51,7 @@ from node.consent_fhir import (
 from node.records import PatientRecord
 from node.registry_link import RegistryLink
 from node.store import NodeStore
+from tools.admin_audit import os_user
 from tools.render import counted
 from transmural import transport
 from transmural.clock import SystemClock, utc_iso
@@ -120,7 +120,7 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
     withdraw.add_argument("--config", type=given_path, required=True, help="the node's TOML config")
     withdraw.add_argument("consent_id", metavar="CONSENT_ID", help="c-... as `list` shows it")
     withdraw.add_argument(
-        "--recorded-by", default=getpass.getuser(),
+        "--recorded-by", default=os_user(),
         help="who withdraws it, for the audit log (default: your user name)",
     )  # fmt: skip
     imports = actions.add_parser(
@@ -131,6 +131,10 @@ def add_consent_commands(sub: argparse._SubParsersAction) -> None:
         "each element that does not is named.",
     )
     _config_and_patient(imports)
+    imports.add_argument(
+        "--not-yet-joined", action="store_true",
+        help="accept organisations that no member of the network has (yet)",
+    )  # fmt: skip
     imports.add_argument("file", type=given_path, metavar="FILE.json", help="the FHIR JSON file")
     imports.add_argument(
         "--recorded-by", default=IMPORTED_BY, metavar="NAME",
@@ -158,7 +162,7 @@ def _datetime(text: str) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Run one consent action; 1 when the patient or consent is not at this node."""
     config = NodeConfig.load(args.config)
-    store = await NodeStore.open(config.database)
+    store = await NodeStore.open(config.database, existing=True)
     try:
         if args.consent_command == "withdraw":
             return await _withdraw(store, args.consent_id, args.recorded_by)
@@ -172,7 +176,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.consent_command == "list":
             return await _list(store, patient, args.json)
         if args.consent_command == "import":
-            return await _import(store, patient, args.file, args.recorded_by)
+            return await _import(store, patient, args, config)
         return await _export(store, patient, config.organisation_id)
     except NotFound as error:
         print(f"transmural-admin: {error}", file=sys.stderr)
@@ -190,7 +194,7 @@ async def _add(
     if args.organisation is not None:
         kind, actor = "organisation", args.organisation
         if not args.not_yet_joined:
-            await _check_member(config, actor)
+            await _check_members(config, {actor})
     elif args.category is not None:
         kind, actor = "category", args.category
     record = ConsentRecord(
@@ -199,30 +203,31 @@ async def _add(
         data=frozenset(args.data), period_start=args.start or now, period_end=args.end,
         recorded_by=args.recorded_by, recorded_via=args.via, recorded_at=now,
     )  # fmt: skip
-    await ConsentDesk(store).record([record])
+    await ConsentDesk(store).record([record], by=os_user())
     print(f"recorded {describe(record)}, {_period(record)}")
     return 0
 
 
-async def _check_member(config: NodeConfig, organisation_id: str) -> None:
+async def _check_members(config: NodeConfig, organisation_ids: set[str]) -> None:
     """InvalidInput for an organisation id no member has; a warning when none could be asked."""
     link = RegistryLink(config.registry, _tls(config))
     try:
         members = {f.organisation_id for f in await link.list_nodes()}
     except TransmuralError as error:
         print(
-            f"transmural-admin: warning: {organisation_id!r} not checked against the network's "
-            f"members ({error}); recording it as given",
+            f"transmural-admin: warning: {', '.join(map(repr, sorted(organisation_ids)))} not "
+            f"checked against the network's members ({error}); recording as given",
             file=sys.stderr,
         )
         return
     finally:
         await link.close()
-    if organisation_id not in members:
+    unknown = sorted(organisation_ids - members)
+    if unknown:
         more = ", ..." if len(members) > MEMBERS_SHOWN else ""
         shown = ", ".join(sorted(members)[:MEMBERS_SHOWN]) + more
         raise InvalidInput(
-            f"no member of the network has organisation id {organisation_id!r} "
+            f"no member of the network has organisation id {', '.join(map(repr, unknown))} "
             f"(members: {shown or 'none'}); check it for a typo, or give --not-yet-joined "
             "to record it for an organisation that has not joined"
         )
@@ -280,12 +285,15 @@ def _as_json(record: ConsentRecord) -> dict[str, Any]:
 
 
 async def _withdraw(store: NodeStore, consent_id: str, by: str) -> int:
-    record = await ConsentDesk(store).withdraw(consent_id, by)
+    record = await ConsentDesk(store).withdraw(consent_id, by, operator=os_user())
     print(f"withdrew {describe(record)} at {record.withdrawn_at}")
     return 0
 
 
-async def _import(store: NodeStore, patient: PatientRecord, file: Path, recorded_by: str) -> int:
+async def _import(
+    store: NodeStore, patient: PatientRecord, args: argparse.Namespace, config: NodeConfig
+) -> int:
+    file, recorded_by = args.file, args.recorded_by
     document = await asyncio.to_thread(_read_json, file)
     _check_patient(document, patient, file)
     organisations: dict[str, str] = {}
@@ -297,7 +305,10 @@ async def _import(store: NodeStore, patient: PatientRecord, file: Path, recorded
         document, patient.patient_key, organisations=organisations, recorded_by=recorded_by,
         source=str(file),
     )  # fmt: skip
-    await ConsentDesk(store).record(records, action="consent-import", by=getpass.getuser())
+    named = {r.actor for r in records if r.actor_kind == "organisation"}
+    if named and not args.not_yet_joined:
+        await _check_members(config, named)
+    await ConsentDesk(store).record(records, action="consent-import", by=os_user())
     print(f"imported {counted(len(records), 'consent')} from {file}:")
     for record in records:
         print(f"  {describe(record)}, {_period(record)}")

@@ -76,6 +76,7 @@ async def ingest(
     planned = await asyncio.to_thread(_plan, paths)
     store = await NodeStore.open(config.database)
     try:
+        await store.bind(config.node_id, config.organisation_id)
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:
                 if not item.files:  # a folder with no bundles: nothing to load or audit

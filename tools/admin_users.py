@@ -59,7 +59,8 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
 async def run_user_command(args: argparse.Namespace) -> int:
     """``user add|list|remove``; NotFound (exit 1) for an unknown clinician to remove."""
     config = NodeConfig.load(args.config)
-    store = await NodeStore.open(config.database)
+    # Adding the first clinician may come before the node first serves; the rest reads.
+    store = await NodeStore.open(config.database, existing=args.user_command != "add")
     try:
         clinicians = Clinicians(store)
         if args.user_command == "add":

@@ -77,6 +77,10 @@ class Database:
         self._name = f"{owner} database {path}"
         self._lock = asyncio.Lock()
 
+    @property
+    def path(self) -> Path | str:
+        return self._path
+
     @classmethod
     async def open(
         cls,
