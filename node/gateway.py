@@ -176,6 +176,13 @@ class RecentLocations:
             return None
         return (list(known[1]), age) if known[1] else None
 
+    def forget_nodes(self, node_ids: set[str]) -> None:
+        """Drop these nodes from every remembered list (their certificates were revoked)."""
+        for pseudonym, (when, holders) in list(self._known.items()):
+            kept = [f for f in holders if f.node_id not in node_ids]
+            if len(kept) != len(holders):
+                self._known[pseudonym] = (when, kept)
+
 
 class Gateway:
     """Search, report and fetch across the network on a clinician's behalf."""
@@ -199,6 +206,17 @@ class Gateway:
         self._recent = RecentLocations(self._clock)
         self._registry_health = registry_health or PeerHealth(self._clock)
         self._probes: set[asyncio.Task[list[Facility]]] = set()
+
+    def forget_revoked(self, node_ids: set[str]) -> None:
+        """Never ask these nodes from memory again: their certificates were revoked.
+
+        While the registry is up it lists no revoked node; while it is down
+        the remembered holders would still name one.
+        """
+        log.info(
+            "revoked, no longer asked from remembered holders: %s", ", ".join(sorted(node_ids))
+        )
+        self._recent.forget_nodes(node_ids)
 
     def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None

@@ -61,11 +61,12 @@ class RegistryLink:
         response = await self._call(self._stub.ListNodes, registry_pb2.ListNodesRequest())
         return [facility_from_proto(n) for n in response.nodes]
 
-    async def revoked_serials(self) -> set[str]:
+    async def revocations(self) -> dict[str, str]:
+        """Every revoked certificate's serial, with the node id it was issued to."""
         response = await self._call(
             self._stub.ListRevocations, registry_pb2.ListRevocationsRequest()
         )
-        return {r.serial for r in response.revocations}
+        return {r.serial: r.node_id for r in response.revocations}
 
     async def _call(self, method, request):  # type: ignore[no-untyped-def]
         try:

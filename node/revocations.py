@@ -6,23 +6,34 @@ registry at start and every REVOCATION_POLL_S, so a revoked node is refused
 within that interval. The last list fetched is kept in the node's database:
 while the registry cannot be reached, even across a restart, it stays in
 force.
+
+The asking side needs it too: the gateway remembers each patient's holders
+to answer while the registry is down, and a node revoked since must not be
+asked (it would get the pseudonym and a signed assertion). Each refresh
+tells ``on_revoked`` the node ids of certificates newly revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from node import const
-from transmural.errors import TransmuralError
+from transmural.errors import PermissionDenied, TransmuralError
 from transmural.pki import CertificateIdentity
 
 log = logging.getLogger(__name__)
 
+_REFUSED_ADVICE = (
+    "ask the network operator for a new invite, join it into a new folder and move this "
+    "node's database there (README: a node the registry refuses)"
+)
+
 
 class RevocationSource(Protocol):
-    async def revoked_serials(self) -> set[str]: ...
+    async def revocations(self) -> dict[str, str]: ...
 
 
 class RevokedSerialStore(Protocol):
@@ -34,9 +45,15 @@ class RevokedSerialStore(Protocol):
 class RevocationList:
     """The serials this node refuses, refreshed from the registry, kept on disk."""
 
-    def __init__(self, source: RevocationSource, store: RevokedSerialStore) -> None:
+    def __init__(
+        self,
+        source: RevocationSource,
+        store: RevokedSerialStore,
+        on_revoked: Callable[[set[str]], None] | None = None,
+    ) -> None:
         self._source = source
         self._store = store
+        self._on_revoked = on_revoked
         self._serials: frozenset[str] = frozenset()
         self._failing = False
 
@@ -50,7 +67,12 @@ class RevocationList:
     async def refresh(self) -> None:
         """Fetch the list now; keeps the old one (and says so once) on failure."""
         try:
-            serials = await self._source.revoked_serials()
+            revoked = await self._source.revocations()
+        except PermissionDenied as refused:  # this node's own certificate (revoked, unknown)
+            level = logging.DEBUG if self._failing else logging.ERROR
+            log.log(level, "%s; peers refuse this node too: %s", refused, _REFUSED_ADVICE)
+            self._failing = True
+            return
         except TransmuralError as error:
             level = logging.DEBUG if self._failing else logging.WARNING
             log.log(level, "cannot refresh revocations, keeping the last list: %s", error)
@@ -59,10 +81,14 @@ class RevocationList:
         if self._failing:
             log.warning("revocations refreshed again")
         self._failing = False
+        serials = set(revoked)
         if serials != self._serials:
             log.info("%d revoked certificates", len(serials))
             await self._store.replace_revoked_serials(serials)
+        newly = {node_id for serial, node_id in revoked.items() if serial not in self._serials}
         self._serials = frozenset(serials)
+        if newly and self._on_revoked is not None:
+            self._on_revoked(newly)
 
     async def run(self) -> None:
         """Refresh every REVOCATION_POLL_S until cancelled."""

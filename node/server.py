@@ -117,16 +117,17 @@ class NodeServer:
         tls, key = self._load_tls()
         self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
+        await self._store.bind(config.node_id, config.organisation_id)
         self._audit = AuditLog(self._store.database, self.clock)
         self._registry = RegistryLink(config.registry, tls)
-        self._revocations = RevocationList(self._registry, self._store)
-        await self._revocations.load()
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
         self._peers = PeerChannels(tls, signer, self.clock)
         gateway = Gateway(
             pseudonymiser, self._registry, self._peers, self.clock, config.peer_deadline_s,
             AskingAudit(self.audit, self._store, config.node_id),
         )  # fmt: skip
+        self._revocations = RevocationList(self._registry, self._store, gateway.forget_revoked)
+        await self._revocations.load()
         verifier = None if tls is None else AssertionVerifier(config.node_id, self.clock)
         await self._serve_peers(tls, AssertionCheck(verifier, config.node_id))
         await self._serve_gateway(tls, gateway)

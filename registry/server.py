@@ -282,7 +282,7 @@ class RegistryServer:
             if health is not None:
                 await health.enter_graceful_shutdown()
         await asyncio.gather(*(server.stop(grace) for server, _ in self._servers))
-        if self._servers:
+        if self._servers and self._address is not None:  # never served: nothing to say
             log.info("registry on %s stopped", self._address)
         self._servers = []
         if self._store is not None:

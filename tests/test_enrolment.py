@@ -23,7 +23,7 @@ from registry.server import RegistryServer, check_requires_client_certificates
 from tests.registry_pki import OffsetClock, mint_node, registry_channel, wait_for
 from tools.join import FILES, JoinedNode, join
 from transmural import invite, pki, transport
-from transmural.errors import ConfigError, InvalidInput, NotFound, PermissionDenied
+from transmural.errors import ConfigError, InvalidInput, NotFound, PermissionDenied, Unavailable
 from transmural.pseudonym import read_network_key
 from transmural.v1 import common_pb2, enrolment_pb2, enrolment_pb2_grpc, registry_pb2
 from transmural.v1.registry_pb2_grpc import RegistryStub
@@ -266,6 +266,19 @@ async def test_an_already_joined_folder_is_not_overwritten(
     await join(second, tmp_path / "elsewhere")  # refused before the token was used
 
 
+async def test_a_folder_that_cannot_be_written_leaves_the_invite_unused(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    token = await make_invite(registry)
+    (tmp_path / "a-file").write_text("not a folder")
+
+    with pytest.raises(ConfigError, match=r"cannot write in the node folder .*still unused"):
+        await join(token, tmp_path / "a-file")
+
+    assert certificates_in(tmp_path / "registry.db") == []
+    await join(token, tmp_path / "node")  # the same invite still works
+
+
 def join_stub(registry: RegistryServer, network: NetworkFiles) -> enrolment_pb2_grpc.EnrolmentStub:
     assert registry.join_address is not None
     channel = transport.open_channel(
@@ -504,3 +517,26 @@ async def test_start_up_warns_before_the_registry_certificate_expires(
         w for w in warnings if w.startswith(f"the registry certificate expires in {days_left} days")
     ]
     assert not [w for w in warnings if "network CA" in w]
+
+
+async def test_a_join_port_that_never_answers_is_named_as_such(
+    network: NetworkFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener that accepts and never speaks TLS: said in words, not an empty reason."""
+    monkeypatch.setattr("tools.join.HANDSHAKE_TIMEOUT_S", 0.3)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def keep(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    token = invite.encode(invite.new_token(f"127.0.0.1:{port}", network.ca_fingerprint, 0, 10**10))
+    try:
+        with pytest.raises(Unavailable, match=r"no TLS handshake within 0\.3 s"):
+            await join(token, tmp_path / "node")
+    finally:
+        silent.close()
+        for writer in accepted:
+            writer.close()
+    assert not (tmp_path / "node").exists()

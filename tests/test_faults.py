@@ -378,6 +378,31 @@ async def test_registry_down_search_answers_from_known_holders_marked_incomplete
     await wait_for(unmarked, within_s=20)
 
 
+async def test_registry_down_a_node_revoked_since_is_not_asked_from_memory(
+    network: NetworkFactory, synthetic_bundles: Path
+) -> None:
+    """Remembered holders stand in for the registry, never for a revocation made since."""
+    net = await network(n=3)
+    plan = await net.load(synthetic_bundles)
+    await net.consent_all(True)
+    bsn = bsn_of(plan, at_least(plan, 2)[0])
+    _, before = await collect(net.client(0), bsn)
+    revoked = next(n for n in net.nodes[1:] if n.config.node_id in before)
+    assert net.registry.membership is not None
+    await net.registry.membership.revoke(revoked.config.organisation_id)
+    await net.nodes[0].revocations.refresh()  # node-1 learns it (as its poller would)
+
+    await _stop_registry(net)
+
+    try:
+        _, during = await collect(net.client(0), bsn)
+    except ClientError as nobody_left:  # the revoked node was the only other holder
+        assert nobody_left.exit_code == 5
+    else:
+        assert revoked.config.node_id not in during
+        assert set(during) == set(before) - {revoked.config.node_id}
+
+
 async def test_registry_down_leaves_a_refusal_in_its_own_words(
     network: NetworkFactory, synthetic_bundles: Path
 ) -> None:

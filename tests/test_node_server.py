@@ -29,6 +29,20 @@ async def test_second_node_on_same_database_refused(network: NetworkFactory) -> 
     assert str(os.getpid()) in str(twin.config.database.with_name("node.db.lock").read_text())
 
 
+async def test_another_nodes_database_is_refused(network: NetworkFactory) -> None:
+    """A node.toml pointing at another node's database must not serve its records as ours."""
+    net = await network(n=2)
+    first, second = net.nodes
+    await first.stop(0)
+    borrowed = dataclasses.replace(second.config, database=first.config.database,
+                                   listen="127.0.0.1:0", gateway_listen="127.0.0.1:0")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"belongs to node node-1 \(URA-90000001\), not node-2"):
+        await NodeServer(borrowed).start()
+    restarted = NodeServer(first.config)  # its own node still serves with it
+    await restarted.start()
+    await restarted.stop(0)
+
+
 async def test_port_in_use_is_a_clear_error_and_releases_everything(
     network: NetworkFactory, tmp_path: Path
 ) -> None:

@@ -113,6 +113,8 @@ async def join(
     )
     ca = pki.bootstrap_ca(await fetch_certificate(address), token.ca_fingerprint)
     key = pki.new_private_key()
+    # Before the one-time Join: a folder it cannot write would waste the invite.
+    await asyncio.to_thread(_check_writable, node_dir)
     response = await _call_join(address, ca, token.secret, key)
     certificate, network_key = _check_answer(response, ca, key)
     node = response.node
@@ -142,9 +144,14 @@ async def fetch_certificate(address: str) -> x509.Certificate:
             _, writer = await asyncio.open_connection(
                 host.strip("[]"), int(port), ssl=context, server_hostname=pki.REGISTRY_DNS_NAME
             )
-    except (OSError, TimeoutError, ssl.SSLError) as error:
+    except TimeoutError:
         raise Unavailable(
-            f"cannot reach the registry's join port at {address}: {error or 'timed out'}"
+            f"cannot reach the registry's join port at {address}: no TLS handshake within "
+            f"{HANDSHAKE_TIMEOUT_S:g} s (is it the join port?)"
+        ) from None
+    except (OSError, ssl.SSLError) as error:
+        raise Unavailable(
+            f"cannot reach the registry's join port at {address}: {error or type(error).__name__}"
         ) from None
     try:
         ssl_object = writer.get_extra_info("ssl_object")
@@ -272,6 +279,25 @@ def _reachable(endpoint: str, join_address: str) -> str:
         if ipaddress.ip_address(host.strip("[]")).is_unspecified:
             return f"{join_address.rpartition(':')[0]}:{port}"
     return endpoint
+
+
+def _check_writable(folder: Path) -> None:
+    """ConfigError unless ``folder`` can be made (or is there) and written; leaves it as found."""
+    created = not folder.exists()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = folder / ".transmural-join-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write in the node folder {folder}: {error.strerror or error}; "
+            "the invite is still unused"
+        ) from None
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _all(paths: NodeFiles) -> list[Path]:
