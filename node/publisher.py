@@ -22,7 +22,7 @@ from node.registry_link import RegistryLink
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
 from transmural.const import MAX_PUBLISH_BATCH
-from transmural.errors import NotFound, TransmuralError
+from transmural.errors import ConfigError, NotFound, TransmuralError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,13 @@ class IndexPublisher:
             try:
                 sent = await self.publish_pending()
             except TransmuralError as error:
-                level = logging.DEBUG if failing else logging.WARNING
-                log.log(level, "publishing to the registry failed: %s", error)
+                # A ConfigError is this node's to fix (its network key): said loudest.
+                loud = logging.ERROR if isinstance(error, ConfigError) else logging.WARNING
+                log.log(
+                    logging.DEBUG if failing else loud,
+                    "publishing to the registry failed: %s",
+                    error,
+                )
                 failing = True
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, const.PUBLISH_RETRY_MAX_S)

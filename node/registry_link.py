@@ -15,6 +15,7 @@ from node.convert import facility_from_proto, facility_to_proto
 from node.records import IndexChange
 from transmural import pki, transport
 from transmural.errors import (
+    ConfigError,
     InvalidInput,
     NotFound,
     PermissionDenied,
@@ -28,8 +29,11 @@ from transmural.v1 import registry_pb2, registry_pb2_grpc
 class RegistryLink:
     """Register, publish and locate, against one registry."""
 
-    def __init__(self, address: str, tls: transport.TlsFiles | None) -> None:
+    def __init__(
+        self, address: str, tls: transport.TlsFiles | None, network_key_check: bytes = b""
+    ) -> None:
         self.address = address
+        self._network_key_check = network_key_check
         self._channel = transport.open_channel(address, tls, pki.REGISTRY_DNS_NAME)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
@@ -37,7 +41,9 @@ class RegistryLink:
         await self._channel.close()
 
     async def register(self, facility: Facility) -> None:
-        request = registry_pb2.RegisterNodeRequest(node=facility_to_proto(facility))
+        request = registry_pb2.RegisterNodeRequest(
+            node=facility_to_proto(facility), network_key_check=self._network_key_check
+        )
         await self._call(self._stub.RegisterNode, request)
 
     async def publish(self, node_id: str, changes: list[IndexChange]) -> None:
@@ -82,6 +88,8 @@ class RegistryLink:
             return InvalidInput(f"registry: {detail}")
         if code is grpc.StatusCode.PERMISSION_DENIED:
             return PermissionDenied(f"registry: {detail}")
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            return ConfigError(f"registry: {detail}")  # this node's setup, not the network
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return TimedOut(f"this node's registry at {self.address} did not answer in time")
         if code is grpc.StatusCode.UNAVAILABLE:

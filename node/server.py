@@ -39,7 +39,7 @@ from transmural.assertion import AssertionVerifier
 from transmural.auth import CertificateInterceptor
 from transmural.clock import Clock, SystemClock
 from transmural.errors import ConfigError
-from transmural.pseudonym import Pseudonymiser, read_network_key
+from transmural.pseudonym import Pseudonymiser, key_check, read_network_key
 from transmural.v1 import gateway_pb2_grpc, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,14 @@ class NodeServer:
 
     async def _start(self) -> None:
         config = self.config
-        pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
+        network_key = read_network_key(config.network_key_file)
+        pseudonymiser = Pseudonymiser(network_key)
         tls, key = self._load_tls()
         self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
         self._store = await NodeStore.open(config.database)
         await self._store.bind(config.node_id, config.organisation_id)
         self._audit = AuditLog(self._store.database, self.clock)
-        self._registry = RegistryLink(config.registry, tls)
+        self._registry = RegistryLink(config.registry, tls, key_check(network_key))
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
         self._peers = PeerChannels(tls, signer, self.clock)
         gateway = Gateway(

@@ -46,6 +46,7 @@ from transmural import discovery, pki, transport
 from transmural.auth import CertificateInterceptor
 from transmural.clock import Clock, SystemClock
 from transmural.errors import ConfigError
+from transmural.pseudonym import key_check
 from transmural.v1 import enrolment_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,10 @@ class RegistryServer:
         )
         await membership.refresh_revocations()
         self.membership = membership
-        servicer = RegistryServicer(directory, index, membership, authenticated=True)
+        servicer = RegistryServicer(
+            directory, index, membership, authenticated=True,
+            network_key_check=key_check(network.network_key),
+        )  # fmt: skip
         server, health = build_grpc_server(
             servicer, [CertificateInterceptor(membership.is_revoked)]
         )

@@ -13,6 +13,7 @@ comes from the certificate. Only a registry run with ``--insecure-dev``
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -29,7 +30,7 @@ from registry.index import (
 )
 from transmural.auth import Caller, current_caller
 from transmural.clock import utc_iso
-from transmural.errors import PermissionDenied
+from transmural.errors import ConfigError, PermissionDenied
 from transmural.share import Share
 from transmural.status import maps_errors
 from transmural.v1 import (
@@ -63,10 +64,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         index: MasterPatientIndex,
         membership: Membership | None = None,
         authenticated: bool = False,
+        network_key_check: bytes = b"",
     ) -> None:
         """``authenticated``: every call must come with a verified certificate
         (the server runs ``CertificateInterceptor``); a call without one is
-        refused rather than trusted, should the interceptor ever be missing."""
+        refused rather than trusted, should the interceptor ever be missing.
+        ``network_key_check``: the network key's check, to refuse a node
+        registering with another key (empty: not checked)."""
+        self._network_key_check = network_key_check
         self._directory = directory
         self._index = index
         self._membership = membership
@@ -95,6 +100,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.RegisterNodeResponse:
         wire = request.node
         caller = self._caller()
+        _check_network_key(self._network_key_check, request.network_key_check)
         if caller is None:
             record = NodeRecord(
                 wire.node_id, wire.organisation_name, wire.organisation_id, wire.endpoint
@@ -192,4 +198,14 @@ class EnrolmentServicer(enrolment_pb2_grpc.EnrolmentServicer):
                 organisation_name=member.organisation_name,
             ),
             registry_endpoint=self._registry_endpoint(),
+        )
+
+
+def _check_network_key(expected: bytes, sent: bytes) -> None:
+    """ConfigError when a node registers with another network key than the registry's."""
+    if expected and sent and not hmac.compare_digest(sent, expected):
+        raise ConfigError(
+            "this node's network key is not this network's (replaced, or copied from "
+            "another network): nothing it publishes could ever be found; restore the "
+            "network.key it got when it joined"
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from node.answers import Facility
 from node.registry_link import RegistryLink
 from node.server import NodeServer
 from tests.conftest import NetworkFactory, node_tls, start_silent_peer
@@ -19,6 +20,7 @@ from tools.gateway_client import ClientError
 from transmural import pki
 from transmural.errors import ConfigError
 from transmural.identifiers import BSN_SYSTEM, canonical
+from transmural.pseudonym import new_network_key, write_network_key
 
 
 async def test_second_node_on_same_database_refused(network: NetworkFactory) -> None:
@@ -84,6 +86,28 @@ async def test_fetch_from_a_frozen_facility_fails_within_the_deadline(
         await hung.stop(0)
     assert caught.value.exit_code == 5  # the network could not answer
     assert elapsed < 3.0
+
+
+async def test_a_node_holding_another_networks_key_is_refused_by_the_registry(
+    network: NetworkFactory, tmp_path: Path
+) -> None:
+    """Its pseudonyms could never be found: refused at registration, in words, not published."""
+    net = await network(n=1)
+    first = net.nodes[0]
+    await first.stop(0)
+    foreign = tmp_path / "foreign.key"
+    write_network_key(foreign, new_network_key())
+    node = NodeServer(dataclasses.replace(first.config, network_key_file=foreign))
+    await node.start()
+    net.nodes[0] = node
+    with pytest.raises(ConfigError, match="network key is not this network's"):
+        await node.publisher.publish_pending()
+    # A node that sends no check (made before it was sent) is still registered.
+    link = RegistryLink(net.registry.address, node_tls(first.config))
+    try:
+        await link.register(Facility("node-1", "Facility 1", "URA-90000001", "127.0.0.1:1"))
+    finally:
+        await link.close()
 
 
 async def test_registry_lists_the_advertised_address(

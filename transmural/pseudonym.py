@@ -18,6 +18,7 @@ from transmural.identifiers import Identifier
 
 PSEUDONYM_LENGTH = 32
 MIN_KEY_LENGTH = 32
+KEY_CHECK_MESSAGE = b"transmural network key check"
 
 
 class Pseudonymiser:
@@ -31,6 +32,15 @@ class Pseudonymiser:
     def pseudonym(self, identifier: Identifier) -> bytes:
         """32-byte pseudonym of a canonical identifier."""
         return hmac.new(self._key, identifier.token.encode("utf-8"), hashlib.sha256).digest()
+
+
+def key_check(network_key: bytes) -> bytes:
+    """What shows two parties hold the same network key without showing the key.
+
+    A node that registers with another check than the registry's holds a key
+    from elsewhere: every pseudonym it publishes would be unfindable.
+    """
+    return hmac.new(network_key, KEY_CHECK_MESSAGE, hashlib.sha256).digest()
 
 
 def is_pseudonym(value: bytes) -> bool:
