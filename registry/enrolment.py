@@ -118,6 +118,10 @@ class MembershipStorage(Protocol):
 
     async def revocations(self) -> list[RevocationRecord]: ...
 
+    async def close_open_invites(self, organisation_id: str, now: float) -> int:
+        """End the organisation's unused invites; how many there were."""
+        ...
+
 
 def node_id_for(organisation_id: str) -> str:
     """A node id derived from an organisation id: "URA 12345678" -> "ura-12345678"."""
@@ -308,6 +312,16 @@ class Membership:
                 org_id,
             )
         return [r.serial for r in revoked]
+
+    async def close_invites(self, organisation_id: str) -> int:
+        """End the organisation's open invites (a leaked or mis-sent token); how many."""
+        org_id = check_text(
+            organisation_id, "organisation id", const.MAX_ORGANISATION_ID_LENGTH, required=True
+        )
+        closed = await self._storage.close_open_invites(org_id, self._clock.now())
+        if closed:
+            log.warning("closed %d open invite(s) of organisation %s", closed, org_id)
+        return closed
 
     async def revocations(self) -> list[RevocationRecord]:
         """Every revocation, oldest first (what nodes pull)."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import NamedTuple
 
 from registry import const
 from registry.enrolment import Membership
 from registry.network import load_network
 from registry.store import RegistryStore
 from transmural.clock import Clock
-from transmural.errors import ConfigError
+from transmural.errors import ConfigError, NotFound
 
 
 async def invite(
@@ -43,11 +44,30 @@ async def invite(
         await store.close()
 
 
-async def revoke(db: Path, organisation_id: str, clock: Clock | None = None) -> list[str]:
-    """Revoke every certificate of an organisation; the serials revoked now."""
+class Revoked(NamedTuple):
+    """What a revoke did: certificates revoked now, open invites closed."""
+
+    serials: list[str]
+    closed_invites: int
+
+
+async def revoke(db: Path, organisation_id: str, clock: Clock | None = None) -> Revoked:
+    """Close the organisation's open invites and revoke every certificate it has.
+
+    NotFound when it has neither (it was never invited, or every invite was used or
+    expired and never joined).
+    """
     store = await _open_existing(db, clock)
     try:
-        return await Membership(store, clock=clock).revoke(organisation_id)
+        membership = Membership(store, clock=clock)
+        closed = await membership.close_invites(organisation_id)
+        try:
+            serials = await membership.revoke(organisation_id)
+        except NotFound:
+            if not closed:
+                raise
+            serials = []
+        return Revoked(serials, closed)
     finally:
         await store.close()
 

@@ -322,6 +322,16 @@ class RegistryStore:
             await db.executemany("DELETE FROM nodes WHERE node_id = ?", gone)
         return len(rows), revoked
 
+    async def close_open_invites(self, organisation_id: str, now: float) -> int:
+        """End the organisation's unused, unexpired invites now; how many there were."""
+        async with self._db.transaction("close_open_invites") as db:
+            cursor = await db.execute(
+                "UPDATE invites SET expires_at = ? "
+                "WHERE organisation_id = ? AND used_at IS NULL AND expires_at > ?",
+                (now, organisation_id, now),
+            )
+            return cursor.rowcount
+
     async def revocations(self) -> list[RevocationRecord]:
         rows = await self._db.fetch(
             f"SELECT {_REVOCATION_COLUMNS} FROM revocations ORDER BY revoked_at, serial"

@@ -418,7 +418,7 @@ async def test_a_revoked_node_is_refused_within_the_refresh_interval(
     await stub.ListNodes(registry_pb2.ListNodesRequest())
 
     # As `transmural-admin revoke` does it: another connection to the database.
-    serials = await operator.revoke(tmp_path / "registry.db", ORG_ID)
+    serials, _ = await operator.revoke(tmp_path / "registry.db", ORG_ID)
 
     async def is_refused() -> bool:
         try:
@@ -443,7 +443,7 @@ async def test_a_revoked_node_is_refused_within_the_refresh_interval(
         # A revoked node leaves the directory, so no search is sent to it.
         assert not (await stub.ListNodes(registry_pb2.ListNodesRequest())).nodes
     # Revoking again finds nothing left to revoke.
-    assert await operator.revoke(tmp_path / "registry.db", ORG_ID) == []
+    assert await operator.revoke(tmp_path / "registry.db", ORG_ID) == ([], 0)
 
 
 async def test_revoking_an_unknown_organisation_is_not_found(
@@ -451,6 +451,21 @@ async def test_revoking_an_unknown_organisation_is_not_found(
 ) -> None:
     with pytest.raises(NotFound, match="organisation URA 9 has no certificates: it never joined"):
         await operator.revoke(tmp_path / "registry.db", "URA 9")
+
+
+async def test_revoking_an_organisation_that_never_joined_closes_its_open_invites(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A leaked or mis-sent invite can be taken back before anyone joins with it."""
+    token = await make_invite(registry)
+
+    assert await operator.revoke(tmp_path / "registry.db", ORG_ID) == ([], 1)
+
+    with pytest.raises(PermissionDenied, match="expired"):
+        await join(token, tmp_path / "node")
+    assert certificates_in(tmp_path / "registry.db") == []
+    with pytest.raises(NotFound, match="never joined"):  # nothing left to close or revoke
+        await operator.revoke(tmp_path / "registry.db", ORG_ID)
 
 
 @pytest.mark.parametrize(

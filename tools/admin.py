@@ -89,18 +89,21 @@ async def invite(args: argparse.Namespace) -> int:
 
 
 async def revoke(db: Path, organisation_id: str) -> int:
-    serials = await operator.revoke(db, organisation_id)
-    if not serials:
+    serials, closed = await operator.revoke(db, organisation_id)
+    if closed:
+        say(f"closed {counted(closed, 'open invite')} of {organisation_id}: they no longer join")
+    if serials:
+        say(
+            f"revoked {counted(len(serials), 'certificate')} of {organisation_id} "
+            f"(serial {', '.join(serials)}); the registry refuses them within "
+            f"{registry_const.REVOCATION_REFRESH_S:g} s"
+        )
+    elif not closed:
         print(
             f"transmural-admin: every certificate of {organisation_id} was already revoked",
             file=sys.stderr,
         )
         return 1
-    say(
-        f"revoked {counted(len(serials), 'certificate')} of {organisation_id} "
-        f"(serial {', '.join(serials)}); the registry refuses them within "
-        f"{registry_const.REVOCATION_REFRESH_S:g} s"
-    )
     return 0
 
 
