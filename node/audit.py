@@ -153,6 +153,8 @@ class VerifyReport:
     ok: bool
     records: int
     first_problem: str | None = None
+    #: Of the last intact record: kept elsewhere, it shows records cut off the end.
+    last_hash: bytes = field(default=b"", compare=False)
 
 
 class AuditDatabase(Protocol):
@@ -248,9 +250,9 @@ class AuditLog:
                 )
             problem = await asyncio.to_thread(checker.check, rows)
             if problem is not None:
-                return VerifyReport(False, checker.intact, problem)
+                return VerifyReport(False, checker.intact, problem, checker.last_hash)
             if len(rows) < VERIFY_BATCH:
-                return VerifyReport(True, checker.intact)
+                return VerifyReport(True, checker.intact, last_hash=checker.last_hash)
 
     async def export(self, patient_key: int | None, pseudonym_hex: str) -> list[AuditRecord]:
         """Every record about one patient, by local key or by pseudonym, oldest first."""

@@ -448,7 +448,12 @@ async def test_cli_verify_reports_intact_then_the_tampered_seq(
     path = tmp_path / "node.db"
 
     ok = await asyncio.to_thread(admin_run, "audit", "verify", "--db", path)
-    assert (ok.returncode, ok.stdout) == (0, "ok: 7 records, chain intact\n"), ok.stderr
+    with sqlite3.connect(path) as db:
+        (last,) = db.execute("SELECT hash FROM audit_log WHERE seq = 7").fetchone()
+    assert (ok.returncode, ok.stdout) == (
+        0,
+        f"ok: 7 records, chain intact\nlast: seq 7, hash {last.hex()}\n",
+    ), ok.stderr
 
     tamper(path, "UPDATE audit_log SET clinician_id = 'someone.else' WHERE seq = 4")
     broken = await asyncio.to_thread(admin_run, "audit", "verify", "--db", path)
