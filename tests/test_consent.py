@@ -571,6 +571,13 @@ async def test_cli_refusals(node: Path) -> None:
                  "--recorded-by", "desk")  # fmt: skip
     assert both.returncode == 2
     assert listed(node) == []
+    alone = admin("consent", "add", "--config", node, BSN_A, "--permit", "--not-yet-joined",
+                  "--recorded-by", "desk")  # fmt: skip
+    assert alone.returncode == 2 and "--not-yet-joined goes with --organisation" in alone.stderr
+    blank = admin("consent", "add", "--config", node, BSN_A, "--deny", "--organisation", "",
+                  "--recorded-by", "desk")  # fmt: skip
+    assert blank.returncode == 2 and "organisation id must be" in blank.stderr
+    assert "not checked against" not in blank.stderr  # spelling first, the registry after
     for hidden in ("desk\u202e", "de\u200bsk", "desk\x9b"):  # reads as "desk", is not
         sneaky = admin("consent", "add", "--config", node, BSN_A, "--permit",
                        "--recorded-by", hidden)  # fmt: skip

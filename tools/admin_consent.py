@@ -193,16 +193,18 @@ async def _add(
     actor = ""
     if args.organisation is not None:
         kind, actor = "organisation", args.organisation
-        if not args.not_yet_joined:
-            await _check_members(config, {actor})
     elif args.category is not None:
         kind, actor = "category", args.category
+    if args.not_yet_joined and kind != "organisation":
+        raise InvalidInput("--not-yet-joined goes with --organisation")
     record = ConsentRecord(
         consent_id=new_consent_id(), patient_key=patient.patient_key,
         decision="permit" if args.permit else "deny", actor_kind=kind, actor=actor,
         data=frozenset(args.data), period_start=args.start or now, period_end=args.end,
         recorded_by=args.recorded_by, recorded_via=args.via, recorded_at=now,
     )  # fmt: skip
+    if kind == "organisation" and not args.not_yet_joined:  # once its spelling is checked
+        await _check_members(config, {actor})
     await ConsentDesk(store).record([record], by=os_user())
     print(f"recorded {describe(record)}, {_period(record)}")
     return 0
