@@ -322,6 +322,16 @@ class RegistryStore:
             await db.executemany("DELETE FROM nodes WHERE node_id = ?", gone)
         return len(rows), revoked
 
+    async def close_invite(self, secret_hash: bytes, now: float) -> bool:
+        """End one unused invite now (it is being replaced); False if used or ended already."""
+        async with self._db.transaction("close_invite") as db:
+            cursor = await db.execute(
+                "UPDATE invites SET expires_at = ? "
+                "WHERE secret_hash = ? AND used_at IS NULL AND expires_at > ?",
+                (now, secret_hash, now),
+            )
+            return cursor.rowcount == 1
+
     async def close_open_invites(self, organisation_id: str, now: float) -> int:
         """End the organisation's unused, unexpired invites now; how many there were."""
         async with self._db.transaction("close_open_invites") as db:

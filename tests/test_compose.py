@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ import tools.bootstrap
 import tools.devnet
 from registry.network import init_network
 from registry.server import RegistryServer
+from registry.store import RegistryStore
 from tests.registry_pki import OffsetClock
 from tools.bootstrap import NETWORK_DIR, NODE_CONFIG, REGISTRY_DB, InviteSpec, token_path
 from tools.supervise import start_server
@@ -490,6 +492,34 @@ async def test_invites_are_kept_renewed_when_expired_and_never_duplicated(tmp_pa
     (out / "node-1.token").unlink()  # its invite is still open: no second one
     assert await write() == "none"
     assert not (out / "node-1.token").exists()
+
+
+async def test_an_open_invite_that_says_something_else_now_is_replaced(tmp_path: Path) -> None:
+    """A corrected --join-address or organisation is not left in the old token."""
+    network = init_network(tmp_path / "network", "Test")
+    db, out = tmp_path / "registry.db", tmp_path / "invites"
+
+    async def write(address: str, spec: InviteSpec) -> str:
+        (outcome,) = await tools.bootstrap.write_invites(network.folder, db, address, [spec], out)
+        return outcome.action
+
+    first = InviteSpec("node-1", "URA-1", "One")
+    assert await write("registry:7001", first) == "created"
+    old = invite.decode((out / "node-1.token").read_text())
+    assert await write("registry:7011", first) == "created"  # the address was wrong
+    assert invite.decode((out / "node-1.token").read_text()).registry == "registry:7011"
+    assert await write("registry:7011", InviteSpec("node-1", "URA-9", "Nine")) == "created"
+    assert await write("registry:7011", InviteSpec("node-1", "URA-9", "Nine")) == "kept"
+    store = await RegistryStore.open(db)
+    try:  # the replaced invites no longer join
+        replaced = await store.get_invite(invite.secret_hash(old.secret))
+        assert replaced is not None and replaced.expires_at <= time.time()
+    finally:
+        await store.close()
+    with pytest.raises(InvalidInput, match="node id node-1 is invited more than once"):
+        await tools.bootstrap.write_invites(
+            network.folder, db, "registry:7011", [first, InviteSpec("node-1", "URA-2", "Two")], out
+        )
 
 
 async def test_a_half_joined_folder_or_no_token_is_refused(tmp_path: Path) -> None:

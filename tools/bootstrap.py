@@ -133,6 +133,9 @@ async def write_invites(
     """
     clock = clock or SystemClock()
     specs = [InviteSpec(*spec).checked() for spec in invites]
+    twice = sorted({s.node_id for s in specs if [t.node_id for t in specs].count(s.node_id) > 1})
+    if twice:
+        raise InvalidInput(f"node id {', '.join(twice)} is invited more than once")
     network = await asyncio.to_thread(load_network, network_dir)
     # Refuse a bad address before anything is written (the token would carry it).
     invite.InviteToken(join_address, network.ca_fingerprint, bytes(invite.SECRET_BYTES), 1)
@@ -143,7 +146,8 @@ async def write_invites(
         outcomes = []
         for spec in specs:
             path = token_path(out_dir, spec.node_id)
-            kept = await _kept_token(store, path, network.ca_fingerprint, clock.now())
+            kept = await _kept_token(store, path, network.ca_fingerprint, clock.now(),
+                                     (spec, join_address))  # fmt: skip
             if kept is not None:
                 outcomes.append(InviteOutcome(spec.node_id, "kept", path, kept))
                 continue
@@ -164,8 +168,18 @@ async def write_invites(
         await store.close()
 
 
-async def _kept_token(store: RegistryStore, path: Path, fingerprint: str, now: float) -> str | None:
-    """Why the token file at ``path`` stays (its invite is open or used), or None."""
+async def _kept_token(
+    store: RegistryStore,
+    path: Path,
+    fingerprint: str,
+    now: float,
+    wanted: tuple[InviteSpec, str],
+) -> str | None:
+    """Why the token file at ``path`` stays (its invite is open or used), or None.
+
+    An open invite for another organisation or join address than ``wanted``
+    (the spec and address given now) is closed, to be replaced.
+    """
     try:
         token = invite.decode(await asyncio.to_thread(path.read_text))
     except (OSError, InvalidInput):
@@ -177,8 +191,14 @@ async def _kept_token(store: RegistryStore, path: Path, fingerprint: str, now: f
         return None
     if record.used_at is not None:
         return f"the node joined at {utc_iso(record.used_at)}"
-    if record.expires_at > now:
+    if record.expires_at <= now:
+        return None
+    spec, join_address = wanted
+    if (record.organisation_id, record.organisation_name, token.registry) == (
+        spec.organisation_id, spec.organisation_name, join_address
+    ):  # fmt: skip
         return f"invite open until {utc_iso(record.expires_at)}"
+    await store.close_invite(record.secret_hash, now)  # it says something else now: replaced
     return None
 
 
