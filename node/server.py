@@ -26,7 +26,6 @@ from node.consent import ConsentPolicy
 from node.gateway import Gateway
 from node.holder import RecordHolder
 from node.listing import PatientListing
-from node.lock import NodeLock
 from node.peer_link import PeerChannels
 from node.publisher import IndexPublisher
 from node.registry_link import RegistryLink
@@ -40,6 +39,7 @@ from transmural.auth import CertificateInterceptor
 from transmural.clock import Clock, SystemClock
 from transmural.errors import ConfigError
 from transmural.pseudonym import Pseudonymiser, key_check, read_network_key
+from transmural.server_lock import ServerLock
 from transmural.v1 import gateway_pb2_grpc, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class NodeServer:
         self.clock = clock or SystemClock()
         self._address = ""
         self._gateway_address = ""
-        self._lock: NodeLock | None = None
+        self._lock: ServerLock | None = None
         self._store: NodeStore | None = None
         self._registry: RegistryLink | None = None
         self._peers: PeerChannels | None = None
@@ -116,7 +116,7 @@ class NodeServer:
         network_key = read_network_key(config.network_key_file)
         pseudonymiser = Pseudonymiser(network_key)
         tls, key = self._load_tls()
-        self._lock = NodeLock.acquire(config.database.with_name(config.database.name + ".lock"))
+        self._lock = ServerLock.beside(config.database, "node")
         self._store = await NodeStore.open(config.database)
         await self._store.bind(config.node_id, config.organisation_id)
         self._audit = AuditLog(self._store.database, self.clock)

@@ -47,6 +47,7 @@ from transmural.auth import CertificateInterceptor
 from transmural.clock import Clock, SystemClock
 from transmural.errors import ConfigError
 from transmural.pseudonym import key_check
+from transmural.server_lock import ServerLock
 from transmural.v1 import enrolment_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class RegistryServer:
         self._advertise_interfaces = list(advertise_interfaces or [])
         if self._advertise_interfaces and network_dir is None:
             raise ConfigError("only a registry with a network can advertise its join port")
+        self._lock: ServerLock | None = None
         self._store: RegistryStore | None = None
         self._servers: list[tuple[grpc.aio.Server, Any]] = []
         self._address: str | None = None
@@ -166,8 +168,9 @@ class RegistryServer:
             raise RuntimeError("the registry server is already started")
         if self._network_dir is not None:
             self.network = await asyncio.to_thread(load_network, self._network_dir)
-        self._store = await RegistryStore.open(self._db_path, self._clock)
+        self._lock = ServerLock.beside(self._db_path, "registry")
         try:
+            self._store = await RegistryStore.open(self._db_path, self._clock)
             await self._start_servers(self._store)
         except BaseException:
             await self.stop(0)
@@ -292,5 +295,8 @@ class RegistryServer:
         if self._store is not None:
             await self._store.close()
             self._store = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self._address = self._join_address = None
         self.membership = None

@@ -206,6 +206,28 @@ async def test_insecure_dev_checks_the_claimed_identity(
     assert not (await insecure_stub.ListNodes(registry_pb2.ListNodesRequest())).nodes
 
 
+async def test_second_registry_on_same_database_refused(tmp_path: Path) -> None:
+    """Two registries on one database would hand out two views of revocations and invites."""
+    first = RegistryServer(tmp_path / "registry.db")
+    await first.start()
+    try:
+        twin = RegistryServer(tmp_path / "registry.db")
+        with pytest.raises(ConfigError, match=r"this registry is already running \(pid \d+"):
+            await twin.start()
+        await twin.stop(0)  # nothing of the twin's to stop; the first keeps serving
+        channel = transport.open_channel(first.address, None)
+        nodes = await registry_pb2_grpc.RegistryStub(channel).ListNodes(
+            registry_pb2.ListNodesRequest()
+        )
+        await channel.close()
+        assert list(nodes.nodes) == []
+    finally:
+        await first.stop(0)
+    restarted = RegistryServer(tmp_path / "registry.db")  # the lock went with the first
+    await restarted.start()
+    await restarted.stop(0)
+
+
 async def test_with_mtls_the_certificate_names_the_node(tmp_path: Path) -> None:
     network = init_network(tmp_path / "network", "Test")
     server = RegistryServer(tmp_path / "registry.db", network_dir=network.folder)
