@@ -558,3 +558,11 @@ def test_joining_writes_the_nodes_first_audit_record(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "node-1" / "node.db") as db:
         rows = db.execute("SELECT action, outcome, requesting_node FROM audit_log").fetchall()
     assert rows == [("join", "granted", "node-1")]
+
+
+def test_a_bad_join_address_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+    refused = admin("bootstrap", "registry", "--data", reg, "--join-address", "registry:7301x")
+    assert refused.returncode == 2
+    assert "the join address 'registry:7301x' is not host:port" in refused.stderr
+    assert not reg.exists()  # no network folder made with no registry able to use it

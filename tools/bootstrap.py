@@ -352,7 +352,7 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     )
     r.add_argument("--data", type=given_path, required=True, metavar="DIR", help="registry folder")
     r.add_argument(
-        "--join-address", required=True, metavar="HOST:PORT",
+        "--join-address", type=_join_address, required=True, metavar="HOST:PORT",
         help="the join port as nodes reach it (written into each token)",
     )  # fmt: skip
     r.add_argument(
@@ -395,6 +395,14 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         "--wait", type=float, default=0.0, metavar="SECONDS",
         help="keep trying this long while the registry is not reachable (default 0)",
     )  # fmt: skip
+
+
+def _join_address(text: str) -> str:
+    """Checked with the arguments, before the network folder is made."""
+    try:
+        return invite.check_join_address(text)
+    except InvalidInput as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _invite_spec(text: str) -> InviteSpec:

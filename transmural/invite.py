@@ -152,6 +152,16 @@ def expired(token: InviteToken, now: float) -> bool:
     return now >= token.expires_at
 
 
+def check_join_address(address: str) -> str:
+    """``address`` if a token can carry it as the registry's join port; InvalidInput if not."""
+    if not _valid_address(address):
+        raise InvalidInput(
+            f"the join address {address!r} is not host:port "
+            "(a DNS name, IPv4 or [IPv6] address, port 1-65535)"
+        )
+    return address
+
+
 def _valid_address(address: str) -> bool:
     match = _ADDRESS.fullmatch(address)
     return match is not None and 1 <= int(match.group(1)) <= 65535
