@@ -16,7 +16,7 @@ from registry import const
 from registry.enrolment import Membership
 from registry.network import load_network
 from registry.store import RegistryStore
-from transmural.clock import Clock
+from transmural.clock import Clock, SystemClock
 from transmural.errors import ConfigError, NotFound
 
 
@@ -33,8 +33,10 @@ async def invite(
 ) -> str:
     """Record a one-time invite in the registry database; returns the token text."""
     network = await asyncio.to_thread(load_network, network_dir)
+    clock = clock or SystemClock()
     store = await _open_existing(db, clock)
     try:
+        await store.bind_network(network.ca_fingerprint, network.name, clock.now())
         membership = Membership(store, ca_cert=network.ca_cert, clock=clock)
         return await membership.create_invite(
             organisation_id, organisation_name, node_id, join_address, ttl_s,

@@ -193,6 +193,7 @@ class RegistryServer:
             await server.start()
             await transport.mark_serving(health, [SERVICE_NAME])
             return
+        await store.bind_network(network.ca_fingerprint, network.name, self._clock.now())
         membership = Membership(
             store,
             ca_cert=network.ca_cert,

@@ -24,6 +24,7 @@ from registry.enrolment import CertificateRecord, InviteRecord, RevocationRecord
 from registry.index import NodeRecord
 from transmural.clock import Clock, SystemClock
 from transmural.database import Database
+from transmural.errors import ConfigError
 from transmural.shared_read import SharedRead
 
 _V1 = """
@@ -88,7 +89,20 @@ _V3 = """
 ALTER TABLE invites ADD COLUMN organisation_category TEXT NOT NULL DEFAULT '';
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+_V4 = """
+-- Which network this database belongs to, set when the registry first serves
+-- or invites with a network folder: a folder of another network (a test
+-- network's beside production's) is refused instead of serving certificates,
+-- invites and an index that its CA and key never made.
+CREATE TABLE network_identity (
+    only_row       INTEGER PRIMARY KEY CHECK (only_row = 1),
+    ca_fingerprint TEXT NOT NULL,
+    network_name   TEXT NOT NULL,
+    bound_at       REAL NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NODE_COLUMNS = "node_id, organisation_name, organisation_id, endpoint, registered_at, updated_at"
@@ -183,6 +197,32 @@ class RegistryStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def bind_network(self, ca_fingerprint: str, network_name: str, now: float) -> None:
+        """Tie the database to this network, or ConfigError when it is another network's.
+
+        The first network folder served or invited with owns it from then on.
+        """
+        async with self._db.transaction("bind_network") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT ca_fingerprint, network_name FROM network_identity"
+                )
+            )
+            if not rows:
+                await db.execute(
+                    "INSERT INTO network_identity (only_row, ca_fingerprint, network_name,"
+                    " bound_at) VALUES (1, ?, ?, ?)",
+                    (ca_fingerprint, network_name, now),
+                )
+                return
+        owner_fingerprint, owner_name = rows[0]
+        if owner_fingerprint != ca_fingerprint:
+            raise ConfigError(
+                f"the registry database {self._db.path} belongs to network {owner_name!r} "
+                f"(CA {owner_fingerprint[:16]}...), not to {network_name!r} "
+                f"(CA {ca_fingerprint[:16]}...): give the --network-dir and --db of one network"
+            )
 
     async def upsert_node(self, node: NodeRecord, now: float) -> NodeRecord:
         """Insert or update a directory entry; ``registered_at`` stays the first time."""

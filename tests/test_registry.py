@@ -228,6 +228,28 @@ async def test_second_registry_on_same_database_refused(tmp_path: Path) -> None:
     await restarted.stop(0)
 
 
+async def test_a_database_serves_only_its_own_network(tmp_path: Path) -> None:
+    """Another network's folder beside this database would issue, verify and invite wrongly."""
+    ours = init_network(tmp_path / "ours", "Ours")
+    theirs = init_network(tmp_path / "theirs", "Theirs")
+    db = tmp_path / "registry.db"
+    first = RegistryServer(db, network_dir=ours.folder)
+    await first.start()
+    await first.stop(0)
+    wrong = RegistryServer(db, network_dir=theirs.folder)
+    with pytest.raises(ConfigError, match=r"belongs to network 'Ours' .* not to 'Theirs'"):
+        await wrong.start()
+    with pytest.raises(ConfigError, match="belongs to network 'Ours'"):
+        await operator.invite(theirs.folder, db, "URA-1", "GP West")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM invites").fetchone() == (0,)
+    token = await operator.invite(ours.folder, db, "URA-1", "GP West")  # its own still works
+    assert invite.decode(token).ca_fingerprint == ours.ca_fingerprint
+    again = RegistryServer(db, network_dir=ours.folder)
+    await again.start()
+    await again.stop(0)
+
+
 async def test_with_mtls_the_certificate_names_the_node(tmp_path: Path) -> None:
     network = init_network(tmp_path / "network", "Test")
     server = RegistryServer(tmp_path / "registry.db", network_dir=network.folder)
@@ -436,6 +458,7 @@ async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path)
         },
         "certificates": {"serial", "node_id", "organisation_id", "issued_at", "not_after"},
         "revocations": {"serial", "node_id", "organisation_id", "revoked_at"},
+        "network_identity": {"only_row", "ca_fingerprint", "network_name", "bound_at"},
     }
     # Not the invite secret either: only its SHA-256.
     secret = invite.decode(token).secret
@@ -443,8 +466,8 @@ async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path)
     patient_words = ("patient", "identifier", "bsn", "ssn", "birth", "dob", "given", "family")
     every_column = {c for cols in columns.values() for c in cols}
     assert not [c for c in every_column for word in patient_words if word in c]
-    # The only "name" is the facility's, in the node directory and its invite.
-    assert [c for c in every_column if "name" in c] == ["organisation_name"]
+    # The only names are the facility's (directory, invite) and the network's.
+    assert {c for c in every_column if "name" in c} == {"organisation_name", "network_name"}
     assert shapes == [("blob", 32)] * 100
     assert mode == "wal"
 

@@ -142,6 +142,7 @@ async def write_invites(
     await asyncio.to_thread(_make_private_dir, out_dir)
     store = await RegistryStore.open(registry_db, clock)
     try:
+        await store.bind_network(network.ca_fingerprint, network.name, clock.now())
         membership = Membership(store, ca_cert=network.ca_cert, clock=clock)
         outcomes = []
         for spec in specs:
