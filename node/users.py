@@ -59,10 +59,15 @@ class Clinicians:
         self, user_id: str, display_name: str, role: str, days: int = DEFAULT_TOKEN_DAYS
     ) -> str:
         """Add (or re-issue) a clinician; returns the token, shown only this once."""
-        if not USER_ID.match(user_id):
+        if not USER_ID.fullmatch(user_id):
             raise InvalidInput("user id: 1-128 letters, digits and . _ @ -, starting alphanumeric")
-        if not display_name.strip() or len(display_name) > 200:
-            raise InvalidInput("display name must be 1 to 200 characters")
+        # Answering nodes refuse an assertion whose name is not printable
+        # (node/assertions.py): such a clinician could sign in and never be answered.
+        if not display_name.strip() or len(display_name) > 200 or not display_name.isprintable():
+            raise InvalidInput(
+                "display name must be 1 to 200 printable characters "
+                f"(no control, invisible or line-break characters), not {display_name!r}"
+            )
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if not 1 <= days <= 3650:

@@ -185,6 +185,9 @@ class Membership:
             const.MAX_ORGANISATION_NAME_LENGTH,
             required=True,
         )
+        for field, text in (("organisation id", org_id), ("organisation name", org_name)):
+            if not text.isprintable():  # shown to clinicians and written into the certificate
+                raise InvalidInput(f"{field} has invisible or line-break characters: {text!r}")
         node = check_node_id(node_id) if node_id else node_id_for(org_id)
         if not 0 < ttl_s <= const.MAX_INVITE_TTL_S:
             raise InvalidInput(

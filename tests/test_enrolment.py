@@ -342,6 +342,17 @@ async def test_invites_refuse_a_node_id_already_taken(registry: RegistryServer) 
         await make_invite(registry, org_id="!!!")
 
 
+async def test_invites_refuse_names_a_clinician_could_misread(registry: RegistryServer) -> None:
+    assert registry.membership is not None
+    for org_id, org_name, says in (
+        (ORG_ID, "GP\u200bWest", "organisation name has invisible"),
+        (ORG_ID, "GP \u202etseW", "organisation name has invisible"),
+        ("URA\u00a012", ORG_NAME, "organisation id has invisible"),
+    ):
+        with pytest.raises(InvalidInput, match=says):
+            await registry.membership.create_invite(org_id, org_name, None, "", 3600)
+
+
 async def test_a_joined_node_id_is_free_again_only_after_revocation(
     registry: RegistryServer, tmp_path: Path
 ) -> None:

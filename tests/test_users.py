@@ -86,6 +86,11 @@ async def test_unknown_expired_and_replaced_tokens_refused(tmp_path: Path) -> No
         ("", "A", "nurse", "user id"),
         ("a b", "A", "nurse", "user id"),
         ("ok", " ", "nurse", "display name"),
+        ("ok", "Dr\u200bX", "nurse", "printable characters"),
+        ("ok", "Dr \u202eX", "nurse", "printable characters"),
+        ("ok", "Dr\nX", "nurse", "printable characters"),
+        ("ok", "Dr\x85X", "nurse", "printable characters"),
+        ("zz\n", "A", "nurse", "user id"),
         ("ok", "A", "surgeon-general", "role must be one of"),
     ],
 )
