@@ -71,6 +71,11 @@ class NodeConfig:
         if not 0 < self.peer_deadline_s <= const.MAX_PEER_DEADLINE_S:
             raise ConfigError(f"peer_deadline_s must be in (0, {const.MAX_PEER_DEADLINE_S}]")
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(node id, organisation id): whose database this config may open (``NodeStore.bind``)."""
+        return self.node_id, self.organisation_id
+
     @classmethod
     def load(cls, path: Path, insecure_dev: bool = False) -> NodeConfig:
         """Read and check a config file; ConfigError names what is wrong.

@@ -82,15 +82,22 @@ class NodeStore:
 
     @classmethod
     async def open(
-        cls, path: Path | str, clock: Clock | None = None, *, existing: bool = False
+        cls,
+        path: Path | str,
+        clock: Clock | None = None,
+        *,
+        existing: bool = False,
+        node: tuple[str, str] | None = None,
     ) -> NodeStore:
         """Open (creating if needed) and migrate the database; ConfigError if unusable.
 
         ``existing``: the node's database must be there already (an admin
         command reading or changing it must not make an empty one and then
-        say the patient is unknown).
+        say the patient is unknown). ``node`` (node id, organisation id):
+        the database must be this node's (``bind``); every command given a
+        node's config passes it, so none reads or changes another's records.
         """
-        if existing and not await asyncio.to_thread(Path(path).is_file):
+        if existing and not await asyncio.to_thread(_has_content, Path(path)):
             raise ConfigError(
                 f"no node database at {path}: is the config the right node's, "
                 "and has the node joined?"
@@ -99,7 +106,14 @@ class NodeStore:
         db = await Database.open(
             path, MIGRATIONS, clock, owner="node", busy_timeout_ms=BUSY_TIMEOUT_MS
         )
-        return cls(db, clock)
+        store = cls(db, clock)
+        if node is not None:
+            try:
+                await store.bind(*node)
+            except BaseException:
+                await store.close()
+                raise
+        return store
 
     async def close(self) -> None:
         await self._db.close()
@@ -587,3 +601,8 @@ def _consent(row: sqlite3.Row) -> ConsentRecord:
         recorded_via=recorded_via, recorded_at=recorded_at, status=status,
         withdrawn_at=withdrawn_at,
     )  # fmt: skip
+
+
+def _has_content(path: Path) -> bool:
+    """A file SQLite would not take as a new, empty database."""
+    return path.is_file() and path.stat().st_size > 0

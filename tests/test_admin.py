@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -236,3 +237,40 @@ def test_a_bundle_refused_when_written_is_named_and_the_rest_load(
     assert "belongs to another patient" in captured.err
     assert captured.out.strip().startswith(f"1 bundle from {second}: 1 patient, ")
     assert captured.out.strip().endswith("; 1 refused")
+
+
+def test_a_config_naming_another_node_changes_nothing_in_its_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-2's config pointed at node-1's database: every command refuses, none writes."""
+    first = node_config(tmp_path)
+    generate(tmp_path / "bundles", patients=1)
+    assert admin.main(["ingest", "--config", str(first), str(tmp_path / "bundles")]) == 0
+    config = NodeConfig.load(first)
+    borrowed = tmp_path / "node-2.toml"
+    borrowed.write_text(
+        dataclasses.replace(config, node_id="node-2", organisation_id="URA-2").to_toml(tmp_path)
+    )
+    with sqlite3.connect(config.database) as db:
+        (identifier,) = db.execute("SELECT value FROM patient_identifiers LIMIT 1").fetchone()
+    counted = (
+        "SELECT (SELECT count(*) FROM consents), (SELECT count(*) FROM users),"
+        " (SELECT count(*) FROM audit_log)"
+    )
+    with sqlite3.connect(config.database) as db:
+        before = db.execute(counted).fetchone()
+    capsys.readouterr()
+    for command in (
+        ["consent", "add", identifier, "--permit", "--recorded-by", "desk"],
+        ["consent", "list", identifier],
+        ["user", "add", "--id", "evil", "--name", "Evil", "--role", "nurse"],
+        ["user", "list"],
+        ["audit", "export", "--patient", identifier],
+        ["ingest", str(tmp_path / "bundles")],
+    ):
+        verb = command[:1] if command[0] == "ingest" else command[:2]
+        argv = [*verb, "--config", str(borrowed), *command[len(verb) :]]
+        assert admin.main(argv) == 2, command
+        assert "belongs to node node-1" in capsys.readouterr().err, command
+    with sqlite3.connect(config.database) as db:
+        assert db.execute(counted).fetchone() == before

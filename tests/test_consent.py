@@ -619,6 +619,10 @@ def test_cli_refuses_a_config_whose_database_is_missing(tmp_path: Path) -> None:
         assert refused.returncode == 2, (args, refused.stderr)
         assert f"no node database at {tmp_path / 'node.db'}" in refused.stderr
     assert not (tmp_path / "node.db").exists()
+    (tmp_path / "node.db").touch()  # an empty file: SQLite would take it as a new database
+    refused = admin("consent", "list", "--config", config, BSN_A)
+    assert refused.returncode == 2 and "no node database at" in refused.stderr
+    assert (tmp_path / "node.db").stat().st_size == 0
 
 
 def test_decide_for_reads_the_requester() -> None:

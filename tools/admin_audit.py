@@ -96,7 +96,7 @@ async def export(config_path: Path, patient_text: str, *, as_json: bool) -> int:
     identifier = parse_token(patient_text, config.national_system)
     pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
     clock = SystemClock()
-    store = await NodeStore.open(config.database, clock, existing=True)
+    store = await NodeStore.open(config.database, clock, existing=True, node=config.identity)
     try:
         patient = await store.patient_by_identifier(identifier)
         national = _national(identifier, patient.identifier if patient else None, config)

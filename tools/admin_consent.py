@@ -162,7 +162,7 @@ def _datetime(text: str) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Run one consent action; 1 when the patient or consent is not at this node."""
     config = NodeConfig.load(args.config)
-    store = await NodeStore.open(config.database, existing=True)
+    store = await NodeStore.open(config.database, existing=True, node=config.identity)
     try:
         if args.consent_command == "withdraw":
             return await _withdraw(store, args.consent_id, args.recorded_by)

@@ -74,9 +74,8 @@ async def ingest(
     config = NodeConfig.load(config_path)
     pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
     planned = await asyncio.to_thread(_plan, paths)
-    store = await NodeStore.open(config.database)
+    store = await NodeStore.open(config.database, node=config.identity)
     try:
-        await store.bind(config.node_id, config.organisation_id)
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:
                 if not item.files:  # a folder with no bundles: nothing to load or audit

@@ -60,7 +60,9 @@ async def run_user_command(args: argparse.Namespace) -> int:
     """``user add|list|remove``; NotFound (exit 1) for an unknown clinician to remove."""
     config = NodeConfig.load(args.config)
     # Adding the first clinician may come before the node first serves; the rest reads.
-    store = await NodeStore.open(config.database, existing=args.user_command != "add")
+    store = await NodeStore.open(
+        config.database, existing=args.user_command != "add", node=config.identity
+    )
     try:
         clinicians = Clinicians(store)
         if args.user_command == "add":
