@@ -341,6 +341,19 @@ class NodeStore:
             )
             return cursor.rowcount
 
+    async def request_full_relisting(self) -> int:
+        """Queue every patient for the publisher to list or unlist anew; returns how many.
+
+        For a registry that has dropped this node's index entries (it was
+        revoked and has re-joined): the listing is rebuilt from consent.
+        """
+        async with self._db.transaction("request_full_relisting") as db:
+            cursor = await db.execute(
+                "INSERT INTO index_outbox (pseudonym, withdrawn) "
+                "SELECT pseudonym, 0 FROM patients WHERE pseudonym IS NOT NULL"
+            )
+            return cursor.rowcount
+
     async def request_index_check(self, patient_key: int) -> None:
         """Queue the patient's pseudonym for the publisher to list or unlist anew.
 

@@ -108,6 +108,7 @@ def test_admin_init_invite_join_revoke(tmp_path: Path) -> None:
         (["join", "tmi1.garbage.00000000", "--dir", "node"], "damaged"),
         (["join", "hello", "--dir", "node"], "not a Transmural invite token"),
         (["revoke", "--db", "missing.db", "--org-id", "x"], "there is no registry database"),
+        (["rejoin", "hello", "--config", "nowhere.toml"], "cannot read node config nowhere.toml"),
         (["network", "init"], "--dir"),
     ],
 )  # fmt: skip

@@ -5,6 +5,7 @@
                           [--node-id ID] [--registry HOST:PORT] [--ttl-hours H]
   transmural-admin revoke --db REGISTRY_DB --org-id ID
   transmural-admin join TOKEN --dir NODE_DIR              a facility joins
+  transmural-admin rejoin TOKEN --config NODE.toml   a revoked node comes back, records kept
   transmural-admin bootstrap registry --data DIR --join-address HOST:PORT
                           [--invite NODE_ID:ORG_ID:ORG_NAME ...] [--invites-dir DIR]
   transmural-admin bootstrap node --data DIR [--token-file FILE] [--national-system URI]
@@ -27,7 +28,7 @@ Exit codes:
        the chain is broken (the first problem is named); audit export: no
        such patient at this node; devnet: the registry exited while running,
        or the demo missed its goal
-  2    bad usage, configuration or input; invite, join, bootstrap: refused
+  2    bad usage, configuration or input; invite, join, rejoin, bootstrap: refused
        (the message says why); devnet: a server did not start
   130  interrupted (Ctrl-C) before devnet was up
 """
@@ -41,12 +42,14 @@ import signal
 import sys
 from pathlib import Path
 
+from node.config import NodeConfig
 from registry import const as registry_const
 from registry import operator
 from registry.network import init_network
 from tools import admin_audit, admin_consent, admin_ingest, bootstrap, devnet
 from tools import demo as demo_scenario
 from tools.admin_users import add_user_commands, run_user_command
+from tools.rejoin import rejoin
 from tools.render import counted
 from tools.supervise import ProcessError, watch
 from transmural import pki
@@ -255,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_consent.add_consent_commands(sub)
     _add_membership_commands(sub)
+    _add_rejoin(sub)
     bootstrap.add_commands(sub)
     add_user_commands(sub)
     admin_audit.add_audit_commands(sub)
@@ -416,6 +420,36 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
     )  # fmt: skip
 
 
+def _add_rejoin(sub: argparse._SubParsersAction[OneLineParser]) -> None:
+    r = sub.add_parser(
+        "rejoin",
+        help="a revoked node joins again with a new invite, keeping its settings and records",
+        description="Use a new invite for the same node id (the operator: revoke, then "
+        "invite --node-id ID) to replace the node's key and certificate where node.toml "
+        "says; node.toml, the database and the audit log stay. Stop the node first.",
+    )
+    r.add_argument("token", metavar="TOKEN", help="the new invite token from the operator")
+    r.add_argument(
+        "--config", type=given_path, required=True, metavar="NODE.toml", help="the node's config"
+    )
+    r.add_argument(
+        "--discover-on", nargs="+", default=[], metavar="ADDR",
+        help="interface addresses to look for the registry on with zeroconf, when the "
+        "token carries no address (default 127.0.0.1)",
+    )  # fmt: skip
+
+
+async def run_rejoin(args: argparse.Namespace) -> int:
+    config = await asyncio.to_thread(NodeConfig.load, args.config)
+    done = await rejoin(args.token, config, args.discover_on or None)
+    say(
+        f"re-joined as node {done.node.node_id} of {done.node.organisation_id}: new key and "
+        f"certificate in {config.private_key} and {config.certificate}"
+    )
+    say("node.toml, the database and the audit log are as they were; start the node again")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -431,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(revoke(args.db, args.org_id))
         if args.command == "join":
             return asyncio.run(join(args))
+        if args.command == "rejoin":
+            return asyncio.run(run_rejoin(args))
         if args.command == "bootstrap":
             return asyncio.run(bootstrap.run(args, say))
         if args.command == "user":

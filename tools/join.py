@@ -85,6 +85,26 @@ class JoinedNode:
     paths: NodeFiles
 
 
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """What one successful Join gave: checked against the token and our own key."""
+
+    key: pki.PrivateKey
+    certificate: x509.Certificate
+    ca: x509.Certificate
+    network_key: bytes
+    node: JoinedIdentity
+    join_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedIdentity:
+    node_id: str
+    organisation_id: str
+    organisation_name: str
+    registry_endpoint: str  # host:port of the registry's mutual-TLS port
+
+
 async def join(
     token_text: str,
     node_dir: Path,
@@ -96,11 +116,7 @@ async def join(
     ``interfaces_for_discovery`` (default loopback only) are where zeroconf
     looks when the token carries no registry address.
     """
-    token = invite.decode(token_text)
-    if invite.expired(token, (clock or SystemClock()).now()):
-        raise InvalidInput(
-            f"this invite expired at {_utc(token.expires_at)}; ask the operator for a new one"
-        )
+    token = decode_unexpired(token_text, clock)
     paths = NodeFiles.in_folder(node_dir)
     present = [p.name for p in _all(paths) if p.exists()]
     if present:
@@ -108,24 +124,49 @@ async def join(
             f"{node_dir} already holds a joined node ({', '.join(present)}); "
             "refusing to overwrite it: choose another folder"
         )
+    # Before the one-time Join: a folder it cannot write would waste the invite.
+    done = await enrol(token, node_dir, interfaces_for_discovery)
+    await asyncio.to_thread(
+        _write_node_files, paths, done.key, done.certificate, done.ca, done.network_key
+    )
+    node = done.node
+    return JoinedNode(
+        node.node_id, node.organisation_id, node.organisation_name, node.registry_endpoint, paths
+    )
+
+
+def decode_unexpired(token_text: str, clock: Clock | None = None) -> invite.InviteToken:
+    """The token, or InvalidInput if it is damaged or expired (checked offline, nothing sent)."""
+    token = invite.decode(token_text)
+    if invite.expired(token, (clock or SystemClock()).now()):
+        raise InvalidInput(
+            f"this invite expired at {_utc(token.expires_at)}; ask the operator for a new one"
+        )
+    return token
+
+
+async def enrol(
+    token: invite.InviteToken, writes_to: Path, interfaces_for_discovery: list[str] | None = None
+) -> Enrolment:
+    """Steps 2-5: find and check the registry, make a key, use the invite, check the answer.
+
+    ``writes_to`` is checked writable before the invite is used up.
+    """
     address = token.registry or await _discover(
         token.ca_fingerprint, interfaces_for_discovery or ["127.0.0.1"]
     )
     ca = pki.bootstrap_ca(await fetch_certificate(address), token.ca_fingerprint)
     key = pki.new_private_key()
-    # Before the one-time Join: a folder it cannot write would waste the invite.
-    await asyncio.to_thread(_check_writable, node_dir)
+    await asyncio.to_thread(_check_writable, writes_to)
     response = await _call_join(address, ca, token.secret, key)
     certificate, network_key = _check_answer(response, ca, key)
-    node = response.node
-    await asyncio.to_thread(_write_node_files, paths, key, certificate, ca, network_key)
-    return JoinedNode(
-        node_id=node.node_id,
-        organisation_id=node.organisation_id,
-        organisation_name=node.organisation_name,
-        registry_endpoint=_reachable(response.registry_endpoint, address),
-        paths=paths,
+    node = JoinedIdentity(
+        response.node.node_id,
+        response.node.organisation_id,
+        response.node.organisation_name,
+        _reachable(response.registry_endpoint, address),
     )
+    return Enrolment(key, certificate, ca, network_key, node, address)
 
 
 async def fetch_certificate(address: str) -> x509.Certificate:
