@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sqlite3
 from pathlib import Path
 
@@ -274,3 +275,32 @@ def test_a_config_naming_another_node_changes_nothing_in_its_database(
         assert "belongs to node node-1" in capsys.readouterr().err, command
     with sqlite3.connect(config.database) as db:
         assert db.execute(counted).fetchone() == before
+
+
+def readme_admin_commands(markdown: Path) -> list[str]:
+    """Every ``transmural-admin`` command in the file's sh blocks, continuation lines joined."""
+    commands, block, pending = [], False, ""
+    for line in markdown.read_text().splitlines():
+        if line.startswith("```"):
+            block = line.strip() == "```sh"
+            continue
+        if not block:
+            continue
+        line = re.sub(r"\s+#\s.*$", "", pending + line.strip())
+        pending = line[:-1] + " " if line.endswith("\\") else ""
+        if not pending and "transmural-admin " in line:
+            commands.append(line[line.index("transmural-admin ") + len("transmural-admin ") :])
+    return commands
+
+
+@pytest.mark.parametrize("markdown", ["README.md", "compose/README.md"])
+def test_every_admin_command_in_the_readmes_parses(markdown: str) -> None:
+    """A renamed subcommand or flag must not leave the instructions behind."""
+    commands = readme_admin_commands(Path(__file__).resolve().parents[1] / markdown)
+    assert len(commands) >= 3
+    for command in commands:
+        command = re.sub(r"\[[^\]]*\]", "", command).replace("<token>", "tmi1.x.y")
+        try:
+            admin._parser().parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"{markdown}: transmural-admin {command}")
