@@ -52,6 +52,7 @@ from node.peer_health import Attempt, NotAsked, PeerHealth
 from node.records import DocumentRecord
 from transmural.clock import Clock, SystemClock
 from transmural.errors import (
+    Excluded,
     InvalidInput,
     NotFound,
     PermissionDenied,
@@ -281,6 +282,8 @@ class Gateway:
         patience_s = None if known is None else PROBE_PATIENCE_S
         try:
             holders = await self._registry_locate(pseudonym, patience_s)
+        except Excluded:
+            raise
         except Unavailable:
             if known is None:
                 raise
@@ -327,7 +330,7 @@ class Gateway:
             # This node is refused (its certificate revoked): the network cannot
             # answer it, which is not "no facility knows the patient".
             self._registry_health.abandoned(attempt)
-            raise Unavailable(f"this node is refused by the {refused}") from None
+            raise Excluded(f"this node is refused by the {refused}") from None
         except BaseException:
             # Refused or cancelled: no verdict on a hang, and a probe may be tried again.
             self._registry_health.abandoned(attempt)

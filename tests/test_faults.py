@@ -430,7 +430,9 @@ async def test_a_revoked_node_is_told_the_network_cannot_answer_it(
     net = await network(n=2)
     plan = await net.load(synthetic_bundles)
     await net.consent_all(True)
-    bsn = bsn_of(plan, at_least(plan, 1)[0])
+    bsn = bsn_of(plan, at_least(plan, 2)[0])
+    _, before = await collect(net.client(1), bsn)
+    assert "node-1" in before  # node-2 remembers node-1: no way round its own revocation
     await operator.revoke(net.root / "registry.db", net.nodes[1].config.organisation_id)
 
     async def refused() -> bool:

@@ -70,6 +70,11 @@ class TimedOut(Unavailable):
     """Reached, but no answer before the deadline: worth backing off from, unlike a refusal."""
 
 
+class Excluded(Unavailable):
+    """This node itself is refused by the network (its certificate revoked): asking
+    other facilities from memory is no way round it, unlike a registry that is down."""
+
+
 class ConfigError(TransmuralError):
     grpc_code = "FAILED_PRECONDITION"
 
