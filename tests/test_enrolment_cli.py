@@ -67,7 +67,7 @@ def test_admin_init_invite_join_revoke(tmp_path: Path) -> None:
         )  # fmt: skip
         assert invited.returncode == 0, invited.stderr
         token = invited.stdout.strip()
-        assert invited.stdout == token + "\n" and token.startswith("tmi1.")
+        assert invited.stdout == token + "\n" and token.startswith("tmi2.")
         assert invite.decode(token).registry == join_address
 
         joined = admin("join", token, "--dir", str(tmp_path / "node"))

@@ -22,10 +22,16 @@ FINGERPRINT = "ab" * 32
 NOW = 1_700_000_000
 
 
-def forge(document: object) -> str:
+def forge(document: object, version: str = "tmi1") -> str:
     """A well-formed token (correct checksum) around any JSON document."""
     payload = base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
-    return f"tmi1.{payload}.{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+    return f"{version}.{payload}.{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+
+
+def payload_of(text: str) -> dict[str, object]:
+    payload = text.split(".")[1]
+    document: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * 4))
+    return document
 
 
 def fields(**changes: object) -> dict[str, object]:
@@ -49,6 +55,27 @@ def test_node_id_carried_and_tokens_without_it_still_read() -> None:
     assert decode(encode(token)).node_id == "huisarts-7"
     older = decode(forge(fields()))  # made before tokens named their node
     assert older.node_id == "" and older.expires_at == NOW
+
+
+def test_a_token_naming_its_node_is_a_new_version() -> None:
+    # An older Transmural reads tmi1 with exactly r, f, s, e: a new field under
+    # that prefix made it say "not the fields of an invite"; another prefix
+    # makes it say the token is of a newer version.
+    named = encode(new_token("registry.example:7443", FINGERPRINT, NOW, node_id="huisarts-7"))
+    assert named.startswith("tmi2.") and set(payload_of(named)) == {"r", "f", "s", "e", "n"}
+    plain = encode(new_token("registry.example:7443", FINGERPRINT, NOW))
+    assert plain.startswith("tmi1.") and set(payload_of(plain)) == {"r", "f", "s", "e"}
+
+
+def test_both_versions_read() -> None:
+    token = decode(forge(fields(n="huisarts-7"), "tmi2"))
+    assert token.node_id == "huisarts-7" and token.expires_at == NOW
+    # tmi1 with n: written for a while before the version was raised.
+    assert decode(forge(fields(n="huisarts-7"))).node_id == "huisarts-7"
+    with pytest.raises(InvalidInput, match="does not have the fields of an invite"):
+        decode(forge(fields(), "tmi2"))  # a tmi2 token names its node
+    with pytest.raises(InvalidInput, match="node id is empty"):
+        decode(forge(fields(n=""), "tmi2"))
 
 
 def test_round_trip_lan_discovery_and_ipv6() -> None:
@@ -108,9 +135,12 @@ def test_not_an_invite_token(text: str) -> None:
         decode(text)
 
 
-def test_other_version_named() -> None:
-    with pytest.raises(InvalidInput, match="version 'tmi2'"):
-        decode("tmi2.abc.12345678")
+@pytest.mark.parametrize("version", ["tmi3", "tmi10", "tmi0"])
+def test_other_version_named(version: str) -> None:
+    with pytest.raises(
+        InvalidInput, match=f"version '{version}'; this Transmural reads 'tmi1' and 'tmi2'"
+    ):
+        decode(f"{version}.abc.12345678")
 
 
 @pytest.mark.parametrize(

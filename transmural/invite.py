@@ -9,15 +9,22 @@ with its own clock and records.
 
 Text form, meant to survive e-mail and copy-paste::
 
-    tmi1.<base64url, no padding, of compact JSON>.<first 8 hex of SHA-256 of the base64 part>
+    tmi2.<base64url, no padding, of compact JSON>.<first 8 hex of SHA-256 of the base64 part>
 
 JSON keys are short to keep the token short: ``r`` registry, ``f`` CA
 fingerprint, ``s`` secret (base64url), ``e`` expiry (epoch seconds), and
-``n`` the node id the registry will give (absent from tokens made before
-it was added). ``n`` lets a node that must have a given id refuse another
-node's token before the one-time join uses it up; the registry's own
-record, not the token, decides the id. The
-checksum catches a token damaged in transit; it is no defence against a
+``n`` the node id the registry will give. ``n`` lets a node that must have
+a given id refuse another node's token before the one-time join uses it
+up; the registry's own record, not the token, decides the id.
+
+The prefix is the version, and a new field means a new version: an older
+Transmural, which reads only ``tmi1``, then says that the token is of a
+newer version instead of calling it malformed. A token that names its node
+is ``tmi2`` (``n`` required); one that does not is written as ``tmi1``
+(``r f s e``), which every Transmural reads. ``tmi1`` tokens that carry
+``n`` (written for a while before the version was raised) are still read.
+
+The checksum catches a token damaged in transit; it is no defence against a
 forger, who gains nothing anyway: a changed secret is refused by the
 registry and a changed fingerprint makes the node refuse the registry.
 """
@@ -34,7 +41,9 @@ from dataclasses import dataclass, field
 
 from transmural.errors import InvalidInput
 
-PREFIX = "tmi1"
+#: The version of a token that names its node, and of one that does not (older readers).
+PREFIX = "tmi2"
+PREFIX_WITHOUT_NODE = "tmi1"
 SECRET_BYTES = 32
 DEFAULT_TTL_S = 24 * 3600
 
@@ -45,7 +54,12 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _CHECKSUM = re.compile(r"[0-9a-fA-F]{8}")
 _OTHER_VERSION = re.compile(r"tmi\d+")
 _NODE_ID = re.compile(r"[a-z0-9-]{1,64}")  # as the registry's node ids
-_FIELDS = {"r", "f", "s", "e"}
+#: The fields each version reads: (required, optional).
+_FIELDS = {
+    PREFIX_WITHOUT_NODE: ({"r", "f", "s", "e"}, {"n"}),
+    PREFIX: ({"r", "f", "s", "e", "n"}, set()),
+}
+_READS = " and ".join(repr(version) for version in _FIELDS)
 _SHAPE = f"expected {PREFIX}.<payload>.<checksum>"
 
 
@@ -101,22 +115,24 @@ def encode(token: InviteToken) -> str:
         "s": _b64encode(token.secret),
         "e": token.expires_at,
     }
+    version = PREFIX_WITHOUT_NODE
     if token.node_id:
         document["n"] = token.node_id
+        version = PREFIX
     payload = _b64encode(json.dumps(document, separators=(",", ":")).encode("ascii"))
-    return f"{PREFIX}.{payload}.{_checksum(payload)}"
+    return f"{version}.{payload}.{_checksum(payload)}"
 
 
 def decode(text: str) -> InviteToken:
     """Parse a pasted token (whitespace anywhere ignored); InvalidInput says what is wrong."""
     parts = "".join(text.split()).split(".")
-    if len(parts) != 3 or parts[0] != PREFIX or not _CHECKSUM.fullmatch(parts[2]):
-        if _OTHER_VERSION.fullmatch(parts[0]) and parts[0] != PREFIX:
+    if len(parts) != 3 or parts[0] not in _FIELDS or not _CHECKSUM.fullmatch(parts[2]):
+        if _OTHER_VERSION.fullmatch(parts[0]) and parts[0] not in _FIELDS:
             raise InvalidInput(
-                f"this invite token is of version {parts[0]!r}; this Transmural reads {PREFIX!r}"
+                f"this invite token is of version {parts[0]!r}; this Transmural reads {_READS}"
             )
         raise InvalidInput(f"this is not a Transmural invite token ({_SHAPE})")
-    _, payload, checksum = parts
+    version, payload, checksum = parts
     if not _BASE64URL.fullmatch(payload) or _checksum(payload) != checksum.lower():
         raise InvalidInput(
             "the invite token is damaged (its checksum does not match): copy the whole token again"
@@ -125,10 +141,13 @@ def decode(text: str) -> InviteToken:
         document = json.loads(_b64decode(payload))
     except (ValueError, binascii.Error):
         raise InvalidInput("the invite token is damaged: its payload cannot be decoded") from None
-    if not isinstance(document, dict) or set(document) - {"n"} != _FIELDS:
+    required, optional = _FIELDS[version]
+    if not isinstance(document, dict) or not required <= set(document) <= required | optional:
         raise InvalidInput("the invite token's payload does not have the fields of an invite")
     if not all(isinstance(document.get(k, ""), str) for k in "rfsn"):
         raise InvalidInput("the invite token's payload has fields of the wrong type")
+    if version == PREFIX and not document["n"]:
+        raise InvalidInput(f"the invite token's node id is empty (a {PREFIX} token needs one)")
     try:
         secret = _b64decode(document["s"])
     except (ValueError, binascii.Error):
