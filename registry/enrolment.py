@@ -41,6 +41,9 @@ from transmural.errors import InvalidInput, NotFound, PermissionDenied
 log = logging.getLogger(__name__)
 
 UNKNOWN_INVITE = "this invite token is not known to the registry"
+#: Why the operator closed an invite before it expired (``InviteRecord.closed_because``).
+CLOSED_REVOKED = "revoked"  # its organisation was revoked (``transmural-admin revoke``)
+CLOSED_REPLACED = "replaced"  # a new invite for its node took its place (``bootstrap registry``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class InviteRecord:
     expires_at: float
     used_at: float | None = None
     organisation_category: str = ""
+    closed_at: float | None = None  # when the operator withdrew it (expires_at set to it too)
+    closed_because: str | None = None  # CLOSED_REVOKED or CLOSED_REPLACED, with closed_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,19 @@ def node_id_for(organisation_id: str) -> str:
 
 def _utc(epoch: float) -> str:
     return utc_iso(epoch).replace("T", " ").replace("+00:00", " UTC")
+
+
+def _withdrawn(record: InviteRecord, closed_at: float) -> str:
+    """Why a closed invite is refused: not "expired", which it would otherwise say."""
+    if record.closed_because == CLOSED_REPLACED:
+        return (
+            f"this invite was withdrawn by the operator at {_utc(closed_at)}: a new invite "
+            f"for node {record.node_id} replaced it; use the new one"
+        )
+    return (
+        f"this invite was withdrawn by the operator at {_utc(closed_at)}: organisation "
+        f"{record.organisation_id} was revoked; ask the operator whether to invite it again"
+    )
 
 
 class Membership:
@@ -288,6 +306,8 @@ class Membership:
             raise PermissionDenied(UNKNOWN_INVITE)
         if record.used_at is not None:
             raise PermissionDenied(f"this invite was already used at {_utc(record.used_at)}")
+        if record.closed_at is not None:
+            raise PermissionDenied(_withdrawn(record, record.closed_at))
         if now >= record.expires_at:
             raise PermissionDenied(
                 f"this invite expired at {_utc(record.expires_at)}; ask the operator for a new one"

@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from registry import const
-from registry.enrolment import CertificateRecord, InviteRecord, RevocationRecord
+from registry.enrolment import (
+    CLOSED_REPLACED,
+    CLOSED_REVOKED,
+    CertificateRecord,
+    InviteRecord,
+    RevocationRecord,
+)
 from registry.index import NodeRecord
 from transmural.clock import Clock, SystemClock
 from transmural.database import Database
@@ -102,7 +108,18 @@ CREATE TABLE network_identity (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+_V5 = """
+-- An invite the operator withdrew: when, and whether its organisation was
+-- revoked or a new invite replaced it. expires_at is set to the same time
+-- (what keeps it from joining); these say why, so a node joining with it is
+-- not told that an invite shown open until tomorrow has expired, and so a
+-- restart of compose does not invite a revoked node again.
+ALTER TABLE invites ADD COLUMN closed_at REAL;
+ALTER TABLE invites ADD COLUMN closed_because TEXT
+    CHECK (closed_because IN ('revoked', 'replaced'));
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NODE_COLUMNS = "node_id, organisation_name, organisation_id, endpoint, registered_at, updated_at"
@@ -131,7 +148,7 @@ _LOCATE = """
 
 _INVITE_COLUMNS = (
     "secret_hash, node_id, organisation_id, organisation_name, created_at, expires_at, used_at, "
-    "organisation_category"
+    "organisation_category, closed_at, closed_because"
 )
 _REVOCATION_COLUMNS = "serial, node_id, organisation_id, revoked_at"
 # What makes a node id taken: a certificate not revoked, or an invite still open.
@@ -285,7 +302,7 @@ class RegistryStore:
             if holder:
                 return str(holder[0][0])
             await db.execute(
-                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.secret_hash,
                     record.node_id,
@@ -295,6 +312,8 @@ class RegistryStore:
                     record.expires_at,
                     record.used_at,
                     record.organisation_category,
+                    record.closed_at,
+                    record.closed_because,
                 ),
             )
         return None
@@ -366,19 +385,19 @@ class RegistryStore:
         """End one unused invite now (it is being replaced); False if used or ended already."""
         async with self._db.transaction("close_invite") as db:
             cursor = await db.execute(
-                "UPDATE invites SET expires_at = ? "
-                "WHERE secret_hash = ? AND used_at IS NULL AND expires_at > ?",
-                (now, secret_hash, now),
+                "UPDATE invites SET expires_at = :now, closed_at = :now, closed_because = :why "
+                "WHERE secret_hash = :hash AND used_at IS NULL AND expires_at > :now",
+                {"now": now, "why": CLOSED_REPLACED, "hash": secret_hash},
             )
             return cursor.rowcount == 1
 
     async def close_open_invites(self, organisation_id: str, now: float) -> int:
-        """End the organisation's unused, unexpired invites now; how many there were."""
+        """End the organisation's unused, unexpired invites now (it is being revoked); how many."""
         async with self._db.transaction("close_open_invites") as db:
             cursor = await db.execute(
-                "UPDATE invites SET expires_at = ? "
-                "WHERE organisation_id = ? AND used_at IS NULL AND expires_at > ?",
-                (now, organisation_id, now),
+                "UPDATE invites SET expires_at = :now, closed_at = :now, closed_because = :why "
+                "WHERE organisation_id = :org AND used_at IS NULL AND expires_at > :now",
+                {"now": now, "why": CLOSED_REVOKED, "org": organisation_id},
             )
             return cursor.rowcount
 

@@ -33,6 +33,7 @@ import yaml
 
 import tools.bootstrap
 import tools.devnet
+from registry.enrolment import Membership
 from registry.network import init_network
 from registry.server import RegistryServer
 from registry.store import RegistryStore
@@ -40,7 +41,7 @@ from tests.registry_pki import OffsetClock
 from tools.bootstrap import NETWORK_DIR, NODE_CONFIG, REGISTRY_DB, InviteSpec, token_path
 from tools.supervise import start_server
 from transmural import invite
-from transmural.errors import ConfigError, InvalidInput
+from transmural.errors import ConfigError, InvalidInput, PermissionDenied
 from transmural.identifiers import BSN_SYSTEM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,9 +512,15 @@ async def test_an_open_invite_that_says_something_else_now_is_replaced(tmp_path:
     assert await write("registry:7011", InviteSpec("node-1", "URA-9", "Nine")) == "created"
     assert await write("registry:7011", InviteSpec("node-1", "URA-9", "Nine")) == "kept"
     store = await RegistryStore.open(db)
-    try:  # the replaced invites no longer join
+    try:  # the replaced invites no longer join, and a join with one is told why
         replaced = await store.get_invite(invite.secret_hash(old.secret))
         assert replaced is not None and replaced.expires_at <= time.time()
+        with pytest.raises(PermissionDenied, match=r"withdrawn by the operator at .* UTC: a new"
+                           " invite for node node-1 replaced it; use the new one"):  # fmt: skip
+            await Membership(
+                store, ca_cert=network.ca_cert, ca_key=network.ca_key,
+                network_key=network.network_key,
+            ).join(old.secret, b"")  # fmt: skip
     finally:
         await store.close()
     with pytest.raises(InvalidInput, match="node id node-1 is invited more than once"):

@@ -465,15 +465,29 @@ async def test_revoking_an_unknown_organisation_is_not_found(
 
 
 async def test_revoking_an_organisation_that_never_joined_closes_its_open_invites(
-    registry: RegistryServer, tmp_path: Path
+    registry: RegistryServer, network: NetworkFiles, tmp_path: Path
 ) -> None:
     """A leaked or mis-sent invite can be taken back before anyone joins with it."""
     token = await make_invite(registry)
 
     assert await operator.revoke(tmp_path / "registry.db", ORG_ID) == ([], 1)
 
-    with pytest.raises(PermissionDenied, match="expired"):
+    # Not "expired": the operator had shown it open for another hour.
+    withdrawn = (
+        r"this invite was withdrawn by the operator at 20\S+ \S+ UTC: "
+        rf"organisation {ORG_ID} was revoked; ask the operator whether to invite it again"
+    )
+    with pytest.raises(PermissionDenied, match=withdrawn):
         await join(token, tmp_path / "node")
+    error = await refused(
+        join_stub(registry, network).Join(
+            enrolment_pb2.JoinRequest(
+                invite_secret=invite.decode(token).secret,
+                csr_der=csr_der(pki.new_private_key()),
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # as for an expired invite
     assert certificates_in(tmp_path / "registry.db") == []
     with pytest.raises(NotFound, match="never joined"):  # nothing left to close or revoke
         await operator.revoke(tmp_path / "registry.db", ORG_ID)

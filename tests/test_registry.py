@@ -455,6 +455,8 @@ async def test_database_holds_only_pseudonyms_node_ids_and_times(tmp_path: Path)
             "expires_at",
             "used_at",
             "organisation_category",
+            "closed_at",
+            "closed_because",
         },
         "certificates": {"serial", "node_id", "organisation_id", "issued_at", "not_after"},
         "revocations": {"serial", "node_id", "organisation_id", "revoked_at"},

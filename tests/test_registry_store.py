@@ -276,6 +276,39 @@ async def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path: Path)
         await store.close()
 
 
+async def test_closing_an_invite_says_when_and_why_and_older_invites_read(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "registry.db"
+    old = await Database.open(db, MIGRATIONS[:4], FakeClock(), owner="registry", busy_timeout_ms=1)
+    async with old.transaction("seed") as conn:  # closed before closes were recorded
+        await conn.execute(
+            "INSERT INTO invites VALUES (?, 'alpha', 'URA-alpha', 'A', 0, 5, NULL, '')",
+            (hashlib.sha256(b"old").digest(),),
+        )
+    await old.close()
+
+    store = await RegistryStore.open(db)
+    try:
+        older = await store.get_invite(hashlib.sha256(b"old").digest())
+        assert older is not None and (older.closed_at, older.closed_because) == (None, None)
+        for secret, node_id in ((b"a", "alpha"), (b"b", "beta")):
+            await store.add_invite(invite_record(secret, node_id, 100.0), now=10.0)
+        assert await store.close_invite(hashlib.sha256(b"a").digest(), 20.0)
+        assert await store.close_open_invites("URA-beta", 30.0) == 1
+        replaced = await store.get_invite(hashlib.sha256(b"a").digest())
+        revoked = await store.get_invite(hashlib.sha256(b"b").digest())
+        assert replaced is not None and revoked is not None
+        assert (replaced.expires_at, replaced.closed_at, replaced.closed_because) == (
+            20.0, 20.0, "replaced"
+        )  # fmt: skip
+        assert (revoked.expires_at, revoked.closed_at, revoked.closed_because) == (
+            30.0, 30.0, "revoked"
+        )  # fmt: skip
+    finally:
+        await store.close()
+
+
 async def test_the_registry_keeps_a_larger_page_cache(store: RegistryStore) -> None:
     """A 10M-entry index stays fast only if more than SQLite's default 2 MiB is cached."""
     from registry import const
