@@ -161,6 +161,20 @@ _NODE_ID_HOLDER = """
     WHERE node_id = :node_id AND used_at IS NULL AND expires_at > :now
     LIMIT 1
 """
+# When a node id was last revoked (a certificate, or an invite closed by the
+# revoke), unless an invite was made for it since: the operator's way back.
+_REVOKED_AT = """
+    WITH last (at) AS (
+        SELECT max(at) FROM (
+            SELECT revoked_at AS at FROM revocations WHERE node_id = :node_id
+            UNION ALL
+            SELECT closed_at FROM invites WHERE node_id = :node_id AND closed_because = :revoked
+        )
+    )
+    SELECT at FROM last
+    WHERE at IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM invites WHERE node_id = :node_id AND created_at > last.at)
+"""
 _REDEEM = """
     UPDATE invites SET used_at = ?
     WHERE secret_hash = ? AND used_at IS NULL AND expires_at > ?
@@ -400,6 +414,16 @@ class RegistryStore:
                 {"now": now, "why": CLOSED_REVOKED, "org": organisation_id},
             )
             return cursor.rowcount
+
+    async def revoked_at(self, node_id: str) -> float | None:
+        """When ``node_id`` was last revoked, or None (never, or invited again since)."""
+        async with self._db.read("revoked_at") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    _REVOKED_AT, {"node_id": node_id, "revoked": CLOSED_REVOKED}
+                )
+            )
+        return float(rows[0][0]) if rows else None
 
     async def revocations(self) -> list[RevocationRecord]:
         rows = await self._db.fetch(

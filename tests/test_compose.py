@@ -33,7 +33,8 @@ import yaml
 
 import tools.bootstrap
 import tools.devnet
-from registry.enrolment import Membership
+from registry import operator
+from registry.enrolment import CertificateRecord, Membership
 from registry.network import init_network
 from registry.server import RegistryServer
 from registry.store import RegistryStore
@@ -493,6 +494,53 @@ async def test_invites_are_kept_renewed_when_expired_and_never_duplicated(tmp_pa
     (out / "node-1.token").unlink()  # its invite is still open: no second one
     assert await write() == "none"
     assert not (out / "node-1.token").exists()
+
+
+async def test_a_revoked_node_is_not_invited_again_until_invited_by_hand(
+    tmp_path: Path,
+) -> None:
+    """compose runs bootstrap on every start: a new token would undo `transmural-admin revoke`."""
+    network = init_network(tmp_path / "network", "Test")
+    db, out = tmp_path / "registry.db", tmp_path / "invites"
+    specs = [InviteSpec("node-1", "URA-1", "Huisarts Oost"), InviteSpec("node-2", "URA-2", "Two")]
+
+    async def write() -> list[tuple[str, str]]:
+        done = await tools.bootstrap.write_invites(network.folder, db, "registry:7001", specs, out)
+        return [(outcome.action, outcome.detail) for outcome in done]
+
+    assert [action for action, _ in await write()] == ["created", "created"]
+    tokens = {n: invite.decode((out / f"{n}.token").read_text()) for n in ("node-1", "node-2")}
+    store = await RegistryStore.open(db)
+    try:  # node-2 joins (as the registry's Join records it)
+        await store.redeem_invite(
+            invite.secret_hash(tokens["node-2"].secret),
+            CertificateRecord("0b", "node-2", "URA-2", time.time(), time.time() + 3600),
+            time.time(),
+        )
+    finally:
+        await store.close()
+    await operator.revoke(db, "URA-1")  # node-1's open invite is closed
+    await operator.revoke(db, "URA-2")  # node-2's certificate is revoked
+    before = {path.name: path.read_text() for path in out.iterdir()}
+
+    (one, one_detail), (two, two_detail) = await write()
+
+    assert (one, two) == ("none", "none")
+    assert {path.name: path.read_text() for path in out.iterdir()} == before
+    assert re.match(r"node node-1 was revoked at 20\S+ and is not invited again", one_detail)
+    assert "node node-2 was revoked at" in two_detail
+    hand = (
+        f"invite it by hand: (umask 077; transmural-admin invite --network-dir {network.folder} "
+        f"--db {db} --org-id URA-1 --org-name 'Huisarts Oost' --node-id node-1 "
+        f"--registry registry:7001 > {out / 'node-1.token'})"
+    )
+    assert one_detail.endswith(hand)
+    # The operator brings node-1 back by hand, as told: that invite is kept.
+    token = await operator.invite(
+        network.folder, db, "URA-1", "Huisarts Oost", "node-1", "registry:7001"
+    )
+    (out / "node-1.token").write_text(token + "\n")
+    assert [action for action, _ in await write()] == ["kept", "none"]
 
 
 async def test_an_open_invite_that_says_something_else_now_is_replaced(tmp_path: Path) -> None:

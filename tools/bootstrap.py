@@ -8,7 +8,7 @@ changes nothing:
   there is none, else the one there, loaded and checked;
 - ``write_invites``: on the registry's side, one invite token file
   (``<node id>.token``, 0600) for each node that has neither joined nor an
-  open invite with a token file here;
+  open invite with a token file here, nor been revoked by the operator;
 - ``ensure_joined``: on a node's side, join with the token (``tools.join``)
   and write ``node.toml`` if the folder holds no joined node, else load the
   config there (the token is not needed then).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ async def write_invites(
     joined); one whose invite expired unused, or that another registry
     issued, is replaced by a new invite. A node id that holds a certificate
     or an open invite without a token file here gets nothing (detail says why).
+    Nor does a node the operator revoked (``transmural-admin revoke``) and
+    has not invited again by hand since: this runs on every start of the
+    registry's container, and a new token would undo the revocation.
     """
     clock = clock or SystemClock()
     specs = [InviteSpec(*spec).checked() for spec in invites]
@@ -147,6 +151,11 @@ async def write_invites(
         outcomes = []
         for spec in specs:
             path = token_path(out_dir, spec.node_id)
+            revoked = await _still_revoked(store, spec, path,
+                                           (network_dir, registry_db, join_address))  # fmt: skip
+            if revoked is not None:
+                outcomes.append(InviteOutcome(spec.node_id, "none", path, revoked))
+                continue
             kept = await _kept_token(store, path, network.ca_fingerprint, clock.now(),
                                      (spec, join_address))  # fmt: skip
             if kept is not None:
@@ -167,6 +176,32 @@ async def write_invites(
         return outcomes
     finally:
         await store.close()
+
+
+async def _still_revoked(
+    store: RegistryStore, spec: InviteSpec, path: Path, registry: tuple[Path, Path, str]
+) -> str | None:
+    """Why ``spec``'s node gets no new invite (the operator revoked it), or None.
+
+    ``registry`` (network folder, database, join address) goes into the
+    command that invites the node again by hand, its token (private) where
+    the node reads it; that invite, newer than the revocation, lifts this
+    refusal.
+    """
+    revoked = await store.revoked_at(spec.node_id)
+    if revoked is None:
+        return None
+    network_dir, registry_db, join_address = registry
+    again = shlex.join([
+        "transmural-admin", "invite", "--network-dir", str(network_dir), "--db", str(registry_db),
+        "--org-id", spec.organisation_id, "--org-name", spec.organisation_name,
+        "--node-id", spec.node_id, "--registry", join_address,
+    ])  # fmt: skip
+    return (
+        f"node {spec.node_id} was revoked at {utc_iso(revoked)} and is not invited again, "
+        f"which would undo that; if the facility is to come back, invite it by hand: "
+        f"(umask 077; {again} > {shlex.quote(str(path))})"
+    )
 
 
 async def _kept_token(
@@ -349,7 +384,8 @@ def add_commands(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         help="make the network unless there is one; invite the nodes not yet invited",
         description=f"Make DIR/{NETWORK_DIR} (CA, registry certificate, network key) and "
         f"DIR/{REGISTRY_DB} unless present; write <node id>{TOKEN_SUFFIX} (0600) into the "
-        "invites folder for each --invite whose node has neither joined nor an open invite.",
+        "invites folder for each --invite whose node has not joined, has no open invite and "
+        "was not revoked (a revoked node is invited again only by hand).",
     )
     r.add_argument("--data", type=given_path, required=True, metavar="DIR", help="registry folder")
     r.add_argument(
