@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -108,6 +109,10 @@ class MembershipStorage(Protocol):
 
     async def get_invite(self, secret_hash: bytes) -> InviteRecord | None: ...
 
+    async def open_invite(self, node_id: str, now: float) -> InviteRecord | None:
+        """The newest unused, unexpired invite for ``node_id``, if any."""
+        ...
+
     async def redeem_invite(
         self, secret_hash: bytes, certificate: CertificateRecord, now: float
     ) -> bool:
@@ -137,6 +142,12 @@ def node_id_for(organisation_id: str) -> str:
             "give one with --node-id"
         )
     return slug
+
+
+def revoke_command(registry_db: str, organisation_id: str) -> str:
+    """The ``transmural-admin revoke`` that closes the organisation's open invites now."""
+    return shlex.join(["transmural-admin", "revoke", "--db", registry_db,
+                       "--org-id", organisation_id])  # fmt: skip
 
 
 def _utc(epoch: float) -> str:
@@ -234,10 +245,7 @@ class Membership:
                 "or give another --node-id"
             )
         if taken_by is not None:
-            raise InvalidInput(
-                f"node id {node} already has a pending invite; wait for it to expire "
-                "or give another --node-id"
-            )
+            raise InvalidInput(await self._held_by_invite(node, now))
         log.info(
             "invite for node %s of organisation %s valid until %s",
             node,
@@ -245,6 +253,23 @@ class Membership:
             _utc(record.expires_at),
         )
         return invite.encode(token)
+
+    async def _held_by_invite(self, node: str, now: float) -> str:
+        """Why an open invite for ``node`` stops a new one, and how to end it at once.
+
+        Its token may be lost: waiting up to MAX_INVITE_TTL_S for it to
+        expire should not be the only way to invite the node again.
+        """
+        pending = await self._storage.open_invite(node, now)
+        if pending is None:  # it ended since add_invite looked
+            return f"node id {node} had a pending invite that has just ended; try again"
+        org = pending.organisation_id
+        return (
+            f"node id {node} already has a pending invite, of organisation {org}, open until "
+            f"{_utc(pending.expires_at)}: `{revoke_command('REGISTRY_DB', org)}` closes it "
+            f"at once (and revokes any certificate of {org}), so a new invite can be made; "
+            "or give another --node-id"
+        )
 
     async def join(self, secret: bytes, csr_der: bytes) -> JoinResult:
         """Admit the node the invite names; PermissionDenied/InvalidInput change nothing."""

@@ -332,6 +332,19 @@ class RegistryStore:
             )
         return None
 
+    async def open_invite(self, node_id: str, now: float) -> InviteRecord | None:
+        """The newest unused, unexpired invite for ``node_id``, if any."""
+        async with self._db.read("open_invite") as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_INVITE_COLUMNS} FROM invites"
+                    " WHERE node_id = ? AND used_at IS NULL AND expires_at > ?"
+                    " ORDER BY created_at DESC LIMIT 1",
+                    (node_id, now),
+                )
+            )
+        return InviteRecord(*rows[0]) if rows else None
+
     async def get_invite(self, secret_hash: bytes) -> InviteRecord | None:
         rows = await self._db.fetch(
             f"SELECT {_INVITE_COLUMNS} FROM invites WHERE secret_hash = ?", (secret_hash,)

@@ -543,6 +543,40 @@ async def test_a_revoked_node_is_not_invited_again_until_invited_by_hand(
     assert [action for action, _ in await write()] == ["kept", "none"]
 
 
+async def test_a_lost_token_says_how_to_invite_the_node_again_now(tmp_path: Path) -> None:
+    """Its invite open, the node could not join until it expired: up to days."""
+    network = init_network(tmp_path / "network", "Test")
+    db, out = tmp_path / "registry.db", tmp_path / "invites"
+    spec, path = InviteSpec("node-1", "URA 1", "One"), out / "node-1.token"
+
+    async def write() -> tools.bootstrap.InviteOutcome:
+        (outcome,) = await tools.bootstrap.write_invites(
+            network.folder, db, "registry:7001", [spec], out
+        )
+        return outcome
+
+    assert (await write()).action == "created"
+    path.unlink()
+    lost = await write()
+
+    assert lost.action == "none" and not path.exists()
+    token_file, database, folder = (re.escape(str(p)) for p in (path, db, network.folder))
+    assert re.fullmatch(
+        rf"it has a pending invite, open until 20\S+, whose token file {token_file} is gone; "
+        rf"to invite it again now, close that invite with transmural-admin revoke --db "
+        rf"{database} --org-id 'URA 1' \(which revokes any certificate of URA 1 too\), then "
+        rf"invite it by hand: \(umask 077; transmural-admin invite --network-dir {folder} "
+        rf"--db {database} --org-id 'URA 1' --org-name One --node-id node-1 "
+        rf"--registry registry:7001 > {token_file}\)",
+        lost.detail,
+    )
+    # Doing as it says works, and the next start keeps the new token.
+    assert await operator.revoke(db, "URA 1") == ([], 1)
+    token = await operator.invite(network.folder, db, "URA 1", "One", "node-1", "registry:7001")
+    path.write_text(token + "\n")
+    assert (await write()).action == "kept"
+
+
 async def test_an_open_invite_that_says_something_else_now_is_replaced(tmp_path: Path) -> None:
     """A corrected --join-address or organisation is not left in the old token."""
     network = init_network(tmp_path / "network", "Test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -332,10 +333,22 @@ async def test_two_joins_racing_for_one_invite_admit_one_node(
     assert len(certificates_in(tmp_path / "registry.db")) == 1
 
 
-async def test_invites_refuse_a_node_id_already_taken(registry: RegistryServer) -> None:
+async def test_invites_refuse_a_node_id_already_taken(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
     await make_invite(registry, node_id="gp-west")
-    with pytest.raises(InvalidInput, match="node id gp-west already has a pending invite"):
+    with pytest.raises(InvalidInput) as held:
         await make_invite(registry, org_id="URA 2", node_id="gp-west")
+    assert re.fullmatch(
+        r"node id gp-west already has a pending invite, of organisation URA 12345678, open "
+        r"until 20\S+ \S+ UTC: `transmural-admin revoke --db REGISTRY_DB --org-id "
+        r"'URA 12345678'` closes it at once \(and revokes any certificate of URA 12345678\), "
+        r"so a new invite can be made; or give another --node-id",
+        str(held.value),
+    )
+    # As it says: a lost token need not keep the node id until the invite expires.
+    await operator.revoke(tmp_path / "registry.db", ORG_ID)
+    await make_invite(registry, org_id="URA 2", node_id="gp-west")
     with pytest.raises(InvalidInput, match="node_id must be 1-64 characters"):
         await make_invite(registry, node_id="GP West")
     with pytest.raises(InvalidInput, match="cannot derive a node id"):

@@ -34,7 +34,7 @@ from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.store import NodeStore
 from registry import const as registry_const
-from registry.enrolment import Membership
+from registry.enrolment import InviteRecord, Membership, revoke_command
 from registry.index import check_node_id, check_text
 from registry.network import FILES as NETWORK_FILES
 from registry.network import NetworkFiles, init_network, load_network
@@ -166,7 +166,10 @@ async def write_invites(
                     spec.organisation_id, spec.organisation_name, spec.node_id, join_address
                 )
             except InvalidInput as taken:  # the fields were checked: the node id is taken
-                outcomes.append(InviteOutcome(spec.node_id, "none", path, str(taken)))
+                pending = await store.open_invite(spec.node_id, clock.now())
+                detail = str(taken) if pending is None else _lost_token(
+                    pending, spec, path, (network_dir, registry_db, join_address))  # fmt: skip
+                outcomes.append(InviteOutcome(spec.node_id, "none", path, detail))
                 continue
             await asyncio.to_thread(_write_private, path, token + "\n")
             until = utc_iso(invite.decode(token).expires_at)
@@ -183,25 +186,48 @@ async def _still_revoked(
 ) -> str | None:
     """Why ``spec``'s node gets no new invite (the operator revoked it), or None.
 
-    ``registry`` (network folder, database, join address) goes into the
-    command that invites the node again by hand, its token (private) where
-    the node reads it; that invite, newer than the revocation, lifts this
-    refusal.
+    An invite made by hand since (``_invite_by_hand``), newer than the
+    revocation, lifts this refusal.
     """
     revoked = await store.revoked_at(spec.node_id)
     if revoked is None:
         return None
+    return (
+        f"node {spec.node_id} was revoked at {utc_iso(revoked)} and is not invited again, "
+        f"which would undo that; if the facility is to come back, invite it by hand: "
+        f"{_invite_by_hand(spec, path, registry)}"
+    )
+
+
+def _lost_token(
+    pending: InviteRecord, spec: InviteSpec, path: Path, registry: tuple[Path, Path, str]
+) -> str:
+    """What to do when a node's invite is open but its token file is not here.
+
+    Closing the invite is a revoke, so this run would not invite the node
+    again afterwards (``_still_revoked``): the hand-made invite follows it.
+    """
+    org = pending.organisation_id
+    return (
+        f"it has a pending invite, open until {utc_iso(pending.expires_at)}, whose token "
+        f"file {path} is gone; to invite it again now, close that invite with "
+        f"{revoke_command(str(registry[1]), org)} (which revokes any certificate of {org} too), "
+        f"then invite it by hand: {_invite_by_hand(spec, path, registry)}"
+    )
+
+
+def _invite_by_hand(spec: InviteSpec, path: Path, registry: tuple[Path, Path, str]) -> str:
+    """The command that invites ``spec``'s node, its token (private) where the node reads it.
+
+    ``registry`` is (network folder, database, join address), as ``write_invites`` got them.
+    """
     network_dir, registry_db, join_address = registry
     again = shlex.join([
         "transmural-admin", "invite", "--network-dir", str(network_dir), "--db", str(registry_db),
         "--org-id", spec.organisation_id, "--org-name", spec.organisation_name,
         "--node-id", spec.node_id, "--registry", join_address,
     ])  # fmt: skip
-    return (
-        f"node {spec.node_id} was revoked at {utc_iso(revoked)} and is not invited again, "
-        f"which would undo that; if the facility is to come back, invite it by hand: "
-        f"(umask 077; {again} > {shlex.quote(str(path))})"
-    )
+    return f"(umask 077; {again} > {shlex.quote(str(path))})"
 
 
 async def _kept_token(
