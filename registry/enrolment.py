@@ -353,7 +353,7 @@ class Membership:
             raise NotFound(f"organisation {org_id} has no certificates: it never joined")
         self._revoked |= {r.serial for r in revoked}
         for record in revoked:
-            log.warning(
+            log.info(
                 "revoked certificate %s of node %s (organisation %s)",
                 record.serial,
                 record.node_id,
@@ -368,7 +368,7 @@ class Membership:
         )
         closed = await self._storage.close_open_invites(org_id, self._clock.now())
         if closed:
-            log.warning("closed %d open invite(s) of organisation %s", closed, org_id)
+            log.info("closed %d open invite(s) of organisation %s", closed, org_id)
         return closed
 
     async def revocations(self) -> list[RevocationRecord]:

@@ -82,6 +82,7 @@ def test_admin_init_invite_join_revoke(tmp_path: Path) -> None:
         revoked = admin("revoke", "--db", str(db), "--org-id", "URA 1")
         assert revoked.returncode == 0, revoked.stderr
         assert "revoked 1 certificate of URA 1" in revoked.stdout
+        assert revoked.stderr == ""  # said once, on stdout, not again as a log line
         one_line_error(admin("revoke", "--db", str(db), "--org-id", "URA 1"), 1, "already")
         one_line_error(
             admin("revoke", "--db", str(db), "--org-id", "URA 2"), 2, "has no certificates"
