@@ -267,6 +267,29 @@ def in_force(record: ConsentRecord, now: datetime | float) -> bool:
     return record.period_end is None or moment <= span(record.period_end)[1]
 
 
+def ended(record: ConsentRecord, now: datetime | float) -> bool:
+    """Its period is over: a consent recorded now would never apply."""
+    return record.period_end is not None and span(record.period_end)[1] < as_utc(now)
+
+
+def covering(new: ConsentRecord, existing: Iterable[ConsentRecord]) -> ConsentRecord | None:
+    """An active consent saying what ``new`` says, from no later and to the same end.
+
+    Recording ``new`` beside it would change no decision, and the patient's
+    list would show the same consent twice.
+    """
+    said = (new.decision, new.actor_kind, new.actor, new.data, new.period_end)
+    for record in existing:
+        if (
+            record.status == "active"
+            and (record.decision, record.actor_kind, record.actor, record.data, record.period_end)
+            == said
+            and span(record.period_start)[0] <= span(new.period_start)[0]
+        ):
+            return record
+    return None
+
+
 def applies_to(record: ConsentRecord, organisation_id: str, organisation_category: str) -> bool:
     """Whether the consent is about a requester from this organisation."""
     if record.actor_kind == "all":

@@ -25,8 +25,10 @@ from node.consent import (
     ConsentPolicy,
     ConsentRecord,
     applies_to,
+    covering,
     decide,
     describe,
+    ended,
     in_force,
     is_consent_id,
     locatable,
@@ -352,6 +354,25 @@ def test_locatable() -> None:
     assert locatable([deny(data=ALL_DATA - {"notes"})], OPT_OUT, NOW)
 
 
+def test_a_consent_recorded_already_covers_the_same_one_again() -> None:
+    first = permit(period_start="2025-01-01")
+    assert covering(permit(period_start="2025-06-01"), [first]) == first
+    assert covering(permit(period_start="2024-06-01"), [first]) is None  # starts earlier
+    assert covering(permit(period_end="2030-01-01"), [first]) is None  # ends, the first never
+    assert covering(consent(decision="deny"), [first]) is None
+    assert covering(permit(data=frozenset({"lab-results"})), [first]) is None
+    assert covering(permit(actor_kind="category", actor="gp"), [first]) is None
+    withdrawn = permit(status="withdrawn", withdrawn_at="2025-02-01T00:00:00+00:00")
+    assert covering(permit(period_start="2025-06-01"), [withdrawn]) is None
+
+
+def test_a_period_that_is_over_has_ended() -> None:
+    now = datetime(2026, 12, 4, tzinfo=UTC)
+    assert ended(permit(period_end="2026-12-03"), now)
+    assert not ended(permit(period_end="2026-12-04"), now)  # the whole day counts
+    assert not ended(permit(), now)
+
+
 def test_a_bad_policy_is_refused() -> None:
     with pytest.raises(InvalidInput, match="opt-in or opt-out"):
         ConsentPolicy("sometimes")  # type: ignore[arg-type]
@@ -541,6 +562,11 @@ async def test_cli_add_list_withdraw(node: Path) -> None:
     assert (second["actor_kind"], second["actor"], second["data"]) == ("organisation", "URA-2", [])
     assert second["period_start"] == second["recorded_at"]  # from now
     assert listed(node, BSN_B) == []
+    twice = admin("consent", "add", "--config", node, BSN_A, "--deny", "--category", "pharmacy",
+                  "--data", "notes", "mental-health", "--from", "2025-06-01", "--until",
+                  "2030-12-31", "--recorded-by", "desk")  # fmt: skip
+    assert twice.returncode == 2 and f"{first['consent_id']}: deny" in twice.stderr
+    assert "is recorded already: nothing was added" in twice.stderr and len(listed(node)) == 2
 
     table = admin("consent", "list", "--config", node, BSN_A)
     assert table.returncode == 0 and first["consent_id"] in table.stdout
@@ -578,6 +604,9 @@ async def test_cli_refusals(node: Path) -> None:
                   "--recorded-by", "desk")  # fmt: skip
     assert blank.returncode == 2 and "organisation id must be" in blank.stderr
     assert "not checked against" not in blank.stderr  # spelling first, the registry after
+    past = admin("consent", "add", "--config", node, BSN_A, "--permit", "--from", "2020-01-01",
+                 "--until", "2021-01-01", "--recorded-by", "desk")  # fmt: skip
+    assert past.returncode == 2 and "the period ended at 2021-01-01" in past.stderr
     for hidden in ("desk\u202e", "de\u200bsk", "desk\x9b"):  # reads as "desk", is not
         sneaky = admin("consent", "add", "--config", node, BSN_A, "--permit",
                        "--recorded-by", hidden)  # fmt: skip

@@ -36,7 +36,9 @@ from node.consent import (
     RECORDED_VIA,
     ActorKind,
     ConsentRecord,
+    covering,
     describe,
+    ended,
     is_fhir_datetime,
     new_consent_id,
 )
@@ -203,6 +205,13 @@ async def _add(
         data=frozenset(args.data), period_start=args.start or now, period_end=args.end,
         recorded_by=args.recorded_by, recorded_via=args.via, recorded_at=now,
     )  # fmt: skip
+    if ended(record, SystemClock().now()):
+        raise InvalidInput(f"the period ended at {record.period_end}: it would never apply")
+    same = covering(record, await store.consents_of(patient.patient_key))
+    if same is not None:
+        raise InvalidInput(
+            f"{describe(same)}, {_period(same)} is recorded already: nothing was added"
+        )
     if kind == "organisation" and not args.not_yet_joined:  # once its spelling is checked
         await _check_members(config, {actor})
     await ConsentDesk(store).record([record], by=os_user())
