@@ -628,7 +628,7 @@ async def test_cli_withdraw_names_who_and_the_operator_is_audited(node: Path) ->
     with sqlite3.connect(node.parent / "node.db") as db:
         rows = db.execute(
             "SELECT action, clinician_id, outcome_reason FROM audit_log"
-            " WHERE action LIKE 'consent-%' ORDER BY seq"
+            " WHERE action IN ('consent-add', 'consent-withdraw') ORDER BY seq"
         ).fetchall()
     operator = os_user()  # who ran the command, beside the name typed for the record
     assert [(a, who) for a, who, _ in rows] == [
@@ -664,3 +664,17 @@ def test_decide_for_reads_the_requester() -> None:
     )  # fmt: skip
     assert decide_for([deny(**cat("gp"))], requester, GLASS, NOW).break_the_glass
     assert not decide_for([deny(**cat("gp"))], requester, OPT_IN, NOW).allowed
+
+
+async def test_cli_reading_a_patients_consents_is_in_their_access_history(node: Path) -> None:
+    assert admin("consent", "list", "--config", node, BSN_A).returncode == 0
+    assert admin("consent", "export", "--config", node, BSN_A).returncode == 0
+    history = admin("audit", "export", "--config", node, "--patient", BSN_A, "--json")
+    assert history.returncode == 0, history.stderr
+    reads = [r for r in json.loads(history.stdout)["records"] if r["action"] == "consent-read"]
+    assert [(r["clinician_id"], r["outcome_reason"]) for r in reads] == [
+        (os_user(), "consents listed with transmural-admin"),
+        (os_user(), "consents exported as FHIR with transmural-admin"),
+    ]
+    other = admin("audit", "export", "--config", node, "--patient", BSN_B, "--json")
+    assert not [r for r in json.loads(other.stdout)["records"] if r["action"] == "consent-read"]

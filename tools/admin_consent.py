@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.consent import (
     DATA_CATEGORIES,
@@ -176,15 +177,30 @@ async def run(args: argparse.Namespace) -> int:
         if args.consent_command == "add":
             return await _add(store, patient, args, config)
         if args.consent_command == "list":
+            await _audit_read(store, patient, config, "listed")
             return await _list(store, patient, args.json)
         if args.consent_command == "import":
             return await _import(store, patient, args, config)
+        await _audit_read(store, patient, config, "exported as FHIR")
         return await _export(store, patient, config.organisation_id)
     except NotFound as error:
         print(f"transmural-admin: {error}", file=sys.stderr)
         return 1
     finally:
         await store.close()
+
+
+async def _audit_read(
+    store: NodeStore, patient: PatientRecord, config: NodeConfig, how: str
+) -> None:
+    """A patient's consents are their data too: who read them is in their access history."""
+    await AuditLog(store.database, SystemClock()).append(
+        AuditRecord(
+            "consent-read", "granted", "local", patient_key=patient.patient_key,
+            clinician_id=os_user(), organisation_id=config.organisation_id,
+            outcome_reason=f"consents {how} with transmural-admin",
+        )
+    )  # fmt: skip
 
 
 async def _add(
