@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -614,6 +615,20 @@ async def test_cli_errors_are_one_line_and_exit_2(
     assert len(lines) == 1, lines
     assert lines[0].startswith("transmural-registry")
     assert message in lines[0]
+
+
+async def test_a_port_in_use_is_one_line_naming_why(tmp_path: Path) -> None:
+    """Not grpc's C-core ERROR line first: the operator reads one sentence."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        process = await run_cli("serve", "--db", str(tmp_path / "r.db"), "--insecure-dev",
+                                "--listen", address, "--log-level", "WARNING")  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    assert process.returncode == 2
+    said = f"cannot listen on {address}: another program is listening there"
+    assert stderr.decode().splitlines() == [f"transmural-registry: error: {said}"]
 
 
 async def test_reregistering_at_another_endpoint_warns(

@@ -10,6 +10,9 @@ reflection services, so grpcurl and grpc-health-probe work against them.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +146,7 @@ def bind(
     the address is taken or not this machine's.
     """
     host, _, _ = address.rpartition(":")
+    _check_free(address)
     try:
         if tls is None:
             port = server.add_insecure_port(address)
@@ -160,6 +164,35 @@ def bind(
             f"cannot listen on {address}: the address is in use or not this machine's"
         )
     return f"{host}:{port}"
+
+
+def _check_free(address: str) -> None:
+    """ConfigError saying why a numeric ``address`` cannot be bound, before grpc tries.
+
+    grpc's own failure is an ERROR line from its C core on stderr and one
+    status for every cause; this names the cause. Host names are left to
+    grpc (resolving them here could block). The socket is closed at once,
+    so grpc binds the port as usual.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return
+    if not port.isdigit() or int(port) == 0:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+        try:
+            probe.bind((host, int(port)))
+        except OSError as error:
+            why = {
+                errno.EADDRINUSE: "another program is listening there",
+                errno.EADDRNOTAVAIL: "the address is not this machine's",
+                errno.EACCES: "a port below 1024 needs privileges",
+            }.get(error.errno or 0, error.strerror or str(error))
+            raise ConfigError(f"cannot listen on {address}: {why}") from None
 
 
 def add_health_and_reflection(
