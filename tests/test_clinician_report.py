@@ -338,3 +338,19 @@ def test_live_status_shows_what_the_network_sent_as_text(terminal: bool) -> None
     text = out.getvalue()
     assert "\x1b[2J" not in text and "[/x] \\x1b[2J" in text
     assert "registry down [/x]" in text and "no answer [/x]" in text
+
+
+def test_login_token_dash_reads_it_from_standard_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token never on the command line, where `ps` shows it to everyone."""
+    config = tmp_path / "client.json"
+    base = ["login", "--config", str(config), "--node", "127.0.0.1:1", "--insecure-dev",
+            "--no-check", "--token", "-"]  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("tmu1_from_stdin\n"))
+    code, _, err = run(capsys, *base)
+    assert code == 0, err
+    assert json.loads(config.read_text())["token"] == "tmu1_from_stdin"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = run(capsys, *base)
+    assert code == 2 and "no token on standard input" in err

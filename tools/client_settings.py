@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,17 @@ def _flags(given: Overrides) -> dict[str, str]:
             raise ClientError(
                 f"{_OPTIONS[key]} is {empty}: give a value or leave the option out", 2
             )
-    return {key: getattr(given, key) for key in KEYS if getattr(given, key)}
+    values = {key: getattr(given, key) for key in KEYS if getattr(given, key)}
+    if values.get("token") == "-":  # not on the command line, where `ps` shows it to others
+        values["token"] = _token_from_stdin()
+    return values
+
+
+def _token_from_stdin() -> str:
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise ClientError("--token -: no token on standard input (one line expected)", 2)
+    return line.strip()
 
 
 def _named_by_environment() -> Path | None:
@@ -244,7 +255,8 @@ def add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> N
     parser.add_argument(
         "--token",
         default=default(None),
-        help="your clinician token (default: $TRANSMURAL_TOKEN or the client file)",
+        help="your clinician token; - reads it from standard input, unseen by `ps` "
+        "(default: $TRANSMURAL_TOKEN or the client file)",
     )
     parser.add_argument(
         "--ca",
