@@ -78,6 +78,11 @@ def test_admin_init_invite_join_revoke(tmp_path: Path) -> None:
         assert "note: listen = 127.0.0.1:0: the node takes a new port" in joined.stdout
         assert "note: gateway_listen = 127.0.0.1:0" in joined.stdout
         one_line_error(admin("join", token, "--dir", str(tmp_path / "again")), 2, "already used at")
+        from_stdin = subprocess.run(  # "-": the token off the command line, where ps shows it
+            [sys.executable, "-m", "tools.admin", "join", "-", "--dir", str(tmp_path / "again")],
+            cwd=REPO, capture_output=True, text=True, timeout=60, input=token + "\n",
+        )  # fmt: skip
+        one_line_error(from_stdin, 2, "already used at")
 
         revoked = admin("revoke", "--db", str(db), "--org-id", "URA 1")
         assert revoked.returncode == 0, revoked.stderr

@@ -116,7 +116,7 @@ async def join(args: argparse.Namespace) -> int:
     if await asyncio.to_thread(bootstrap.is_joined, folder):
         raise ConfigError(f"{folder} already holds a joined node; use another --dir")
     config = await bootstrap.ensure_joined(
-        folder, args.token, national_system=args.national_system, listen=args.listen,
+        folder, _token(args.token), national_system=args.national_system, listen=args.listen,
         gateway_listen=args.gateway_listen, discover_on=args.discover_on or None,
     )  # fmt: skip
     say(f"joined as node {config.node_id}")
@@ -392,7 +392,9 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "receive the network key. Writes node.key, node.crt, ca.crt, network.key and "
         "node.toml into NODE_DIR; refuses a folder that already holds a joined node.",
     )
-    j.add_argument("token", metavar="TOKEN", help="the invite token from the operator")
+    j.add_argument(
+        "token", metavar="TOKEN", help="the invite token from the operator (- reads stdin)"
+    )
     j.add_argument(
         "--dir", type=given_path, required=True, metavar="NODE_DIR", help="the node's folder"
     )
@@ -428,7 +430,9 @@ def _add_rejoin(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         "invite --node-id ID) to replace the node's key and certificate where node.toml "
         "says; node.toml, the database and the audit log stay. Stop the node first.",
     )
-    r.add_argument("token", metavar="TOKEN", help="the new invite token from the operator")
+    r.add_argument(
+        "token", metavar="TOKEN", help="the new invite token from the operator (- reads stdin)"
+    )
     r.add_argument(
         "--config", type=given_path, required=True, metavar="NODE.toml", help="the node's config"
     )
@@ -439,9 +443,19 @@ def _add_rejoin(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     )  # fmt: skip
 
 
+def _token(given: str) -> str:
+    """The invite token; ``-`` reads it from standard input, unseen by ``ps``."""
+    if given != "-":
+        return given
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise ConfigError("TOKEN -: no invite token on standard input (one line expected)")
+    return line
+
+
 async def run_rejoin(args: argparse.Namespace) -> int:
     config = await asyncio.to_thread(NodeConfig.load, args.config)
-    done = await rejoin(args.token, config, args.discover_on or None)
+    done = await rejoin(_token(args.token), config, args.discover_on or None)
     say(
         f"re-joined as node {done.node.node_id} of {done.node.organisation_id}: new key and "
         f"certificate in {config.private_key} and {config.certificate}"
