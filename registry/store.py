@@ -214,8 +214,21 @@ class RegistryStore:
         self._locate = SharedRead(db, "locate", _holders_of_each)
 
     @classmethod
-    async def open(cls, path: Path | str, clock: Clock | None = None) -> RegistryStore:
-        """Open (creating if needed) and migrate the database; ConfigError if unusable."""
+    async def open(
+        cls, path: Path | str, clock: Clock | None = None, *, read_only: bool = False
+    ) -> RegistryStore:
+        """Open (creating if needed) and migrate the database; ConfigError if unusable.
+
+        ``read_only``: an existing registry database at this schema version,
+        opened so that nothing can be written (a look beside the running
+        registry must not migrate or change what it serves).
+        """
+        if read_only:
+            return cls(
+                await Database.open_read_only(
+                    path, MIGRATIONS, clock or SystemClock(), owner="registry"
+                )
+            )
         db = await Database.open(
             path,
             MIGRATIONS,

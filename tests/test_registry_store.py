@@ -316,3 +316,56 @@ async def test_the_registry_keeps_a_larger_page_cache(store: RegistryStore) -> N
     rows = await store._db.fetch("PRAGMA cache_size")
     assert rows[0][0] == -1024 * const.SQLITE_CACHE_MIB
     assert const.SQLITE_CACHE_MIB > 2
+
+
+# --- read-only opening (commands that only look) ---
+
+
+async def test_a_read_only_store_reads_and_refuses_every_write(tmp_path: Path) -> None:
+    db = tmp_path / "registry.db"
+    writer = await RegistryStore.open(db)
+    await writer.upsert_node(facility("alpha"), now=1.0)
+    await writer.close()
+    before = await asyncio.to_thread(db.read_bytes)
+
+    reader = await RegistryStore.open(db, read_only=True)
+    try:
+        assert [n.node_id for n in await reader.list_nodes()] == ["alpha"]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await reader.upsert_node(facility("beta"), now=2.0)
+    finally:
+        await reader.close()
+    assert await asyncio.to_thread(db.read_bytes) == before
+
+
+async def test_read_only_refuses_a_missing_or_empty_file_without_making_one(
+    tmp_path: Path,
+) -> None:
+    missing, empty = tmp_path / "missing.db", tmp_path / "empty.db"
+    await asyncio.to_thread(empty.write_bytes, b"")
+
+    with pytest.raises(ConfigError, match=f"^there is no registry database {missing}$"):
+        await RegistryStore.open(missing, read_only=True)
+    with pytest.raises(ConfigError, match="is not a registry database: it is empty, or another"):
+        await RegistryStore.open(empty, read_only=True)
+
+    assert not missing.exists() and empty.read_bytes() == b""
+
+
+async def test_read_only_refuses_a_node_database_and_an_older_schema_unchanged(
+    tmp_path: Path,
+) -> None:
+    node_db, old_db = tmp_path / "node.db", tmp_path / "old.db"
+    await (await Database.open(node_db, ["CREATE TABLE t (x);"], FakeClock(), owner="node",
+                               busy_timeout_ms=1)).close()  # fmt: skip
+    await (await Database.open(old_db, MIGRATIONS[:4], FakeClock(), owner="registry",
+                               busy_timeout_ms=1)).close()  # fmt: skip
+    before = await asyncio.to_thread(old_db.read_bytes)
+
+    with pytest.raises(ConfigError, match="is not a registry database: it is a node's database"):
+        await RegistryStore.open(node_db, read_only=True)
+    older = f"has schema version 4, this registry reads version {SCHEMA_VERSION}: start"
+    with pytest.raises(ConfigError, match=older):
+        await RegistryStore.open(old_db, read_only=True)
+
+    assert await asyncio.to_thread(old_db.read_bytes) == before

@@ -25,6 +25,10 @@ field, so a node's database given to the registry (or the other way
 round, or another program's SQLite file) is refused as such before any
 migration touches it. A file from before the mark is recognised by the
 tables of its first migration, then marked.
+
+``Database.open_read_only`` is for commands that only look: it opens an
+existing file with SQLite's ``mode=ro``, so it cannot create, migrate or
+change it.
 """
 
 from __future__ import annotations
@@ -122,6 +126,22 @@ class Database:
             await connection.close()
             raise
         return database
+
+    @classmethod
+    async def open_read_only(
+        cls, path: Path | str, migrations: Sequence[str], clock: Clock, *, owner: str
+    ) -> Database:
+        """Open ``owner``'s existing database at ``path`` read-only (SQLite ``mode=ro``).
+
+        For commands that only look, beside a running server: nothing is
+        created, marked or migrated, and SQLite itself refuses any write.
+        ConfigError when the file is missing, not ``owner``'s database, or not
+        at the schema version ``migrations`` make (an older one is brought up
+        to date by the server of this version, which a reader must not do).
+        """
+        uri = await asyncio.to_thread(_probe_read_only, Path(path), owner, len(migrations))
+        connection = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        return cls(connection, clock, path, owner)
 
     async def close(self) -> None:
         """Close the connection once any transaction in progress is done."""
@@ -281,6 +301,39 @@ def _try_open(path: str) -> None:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     sqlite3.connect(path).close()
+
+
+def _probe_read_only(path: Path, owner: str, latest: int) -> str:
+    """The ``mode=ro`` URI of ``path`` once it is known to be ``owner``'s, at ``latest``."""
+    if not path.is_file():
+        raise ConfigError(f"there is no {owner} database {path}")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            marked = int(db.execute("PRAGMA application_id").fetchone()[0])
+            current = _schema_version(db)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read {owner} database {path}: {exc}") from exc
+    if marked not in (0, APPLICATION_IDS.get(owner, marked)) or not current:
+        other = next((o for o, i in APPLICATION_IDS.items() if i == marked), None)
+        what = f"a {other}'s database" if other else "empty, or another program's database"
+        raise ConfigError(f"{path} is not a {owner} database: it is {what}")
+    if current != latest:
+        cure = "upgrade the software" if current > latest else f"start the {owner} once"
+        raise ConfigError(
+            f"the {owner} database {path} has schema version {current}, this {owner} "
+            f"reads version {latest}: {cure}"
+        )
+    return uri
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    """The version a database's migrations reached; 0 when it has none."""
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchall():
+        return 0
+    return int(db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0)
 
 
 def _in_transaction(work: Callable[[sqlite3.Connection], Result], db: sqlite3.Connection) -> Result:
