@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from registry import const
-from registry.index import check_node_id, check_text
+from registry.index import NodeRecord, check_node_id, check_text
 from transmural import invite, keywrap, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound, PermissionDenied
@@ -72,6 +72,29 @@ class CertificateRecord:
     organisation_id: str
     issued_at: float
     not_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A certificate with whom it was issued to and its revocation: one line of membership.
+
+    The name and category come from the invite it redeemed (the certificate
+    table keeps neither); "" for a certificate whose invite is gone.
+    """
+
+    certificate: CertificateRecord
+    organisation_name: str
+    organisation_category: str
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRows:
+    """Every certificate, every unused invite and the directory, read at one moment."""
+
+    certificates: list[IssuedCertificate]  # by organisation id, node id, newest first
+    unused_invites: list[InviteRecord]  # open, closed by the operator or expired
+    directory: list[NodeRecord]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from registry.enrolment import (
     CLOSED_REVOKED,
     CertificateRecord,
     InviteRecord,
+    IssuedCertificate,
+    MembershipRows,
     RevocationRecord,
 )
 from registry.index import NodeRecord
@@ -175,6 +177,16 @@ _REVOKED_AT = """
     WHERE at IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM invites WHERE node_id = :node_id AND created_at > last.at)
 """
+# Each certificate with its revocation and the invite it redeemed (used at the
+# moment it was issued: one transaction), for the organisation's name.
+_ISSUED = """
+    SELECT c.serial, c.node_id, c.organisation_id, c.issued_at, c.not_after,
+           coalesce(i.organisation_name, ''), coalesce(i.organisation_category, ''), r.revoked_at
+    FROM certificates AS c
+    LEFT JOIN revocations AS r ON r.serial = c.serial
+    LEFT JOIN invites AS i ON i.node_id = c.node_id AND i.used_at = c.issued_at
+    ORDER BY c.organisation_id, c.node_id, c.issued_at DESC, c.serial
+"""
 _REDEEM = """
     UPDATE invites SET used_at = ?
     WHERE secret_hash = ? AND used_at IS NULL AND expires_at > ?
@@ -199,6 +211,25 @@ def _holders_of_each(
     if len(requests) == 1:
         return [found]
     return [{p: found[p] for p in request if p in found} for request in requests]
+
+
+def _membership(db: sqlite3.Connection) -> MembershipRows:
+    """Certificates, unused invites and directory in one snapshot (a revoke beside it
+    is seen whole or not at all)."""
+    db.execute("BEGIN")
+    try:
+        issued = [
+            IssuedCertificate(CertificateRecord(*row[:5]), *row[5:]) for row in db.execute(_ISSUED)
+        ]
+        invites = db.execute(
+            f"SELECT {_INVITE_COLUMNS} FROM invites WHERE used_at IS NULL"
+            " ORDER BY organisation_id, node_id, created_at"
+        )
+        unused = [InviteRecord(*row) for row in invites]
+        nodes = db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY node_id")
+        return MembershipRows(issued, unused, [NodeRecord(*row) for row in nodes])
+    finally:
+        db.execute("COMMIT")
 
 
 class RegistryStore:
@@ -450,6 +481,10 @@ class RegistryStore:
                 )
             )
         return float(rows[0][0]) if rows else None
+
+    async def membership(self) -> MembershipRows:
+        """Who joined, who is invited and who registered, as one consistent read."""
+        return await self._db.run("membership", _membership, write=False)
 
     async def revocations(self) -> list[RevocationRecord]:
         rows = await self._db.fetch(

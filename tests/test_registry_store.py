@@ -259,6 +259,34 @@ async def test_revoking_removes_the_nodes_from_directory_and_index(store: Regist
     assert await store.revoke_organisation("URA-nobody", 5.0) == (0, [])
 
 
+async def test_membership_reads_certificates_newest_first_with_their_invites_names(
+    store: RegistryStore,
+) -> None:
+    async def joins(secret: bytes, serial: str, at: float) -> None:
+        await store.add_invite(invite_record(secret, "alpha", at + 100), now=at - 1)
+        issued = CertificateRecord(serial, "alpha", "URA-alpha", at, at + 1000)
+        assert await store.redeem_invite(hashlib.sha256(secret).digest(), issued, at)
+
+    await joins(b"a1", "0a", 10.0)
+    await store.revoke_organisation("URA-alpha", 20.0)
+    await joins(b"a2", "0b", 30.0)  # re-joined: a new certificate for the same node
+    await store.upsert_node(facility("alpha"), 31.0)
+    await store.add_invite(invite_record(b"b", "beta", 500.0), now=40.0)
+    await store.add_invite(invite_record(b"g", "gamma", 500.0), now=40.0)
+    await store.close_open_invites("URA-gamma", 41.0)
+
+    rows = await store.membership()
+
+    assert [
+        (c.certificate.serial, c.certificate.issued_at, c.organisation_name, c.revoked_at)
+        for c in rows.certificates
+    ] == [("0b", 30.0, "Facility alpha", None), ("0a", 10.0, "Facility alpha", 20.0)]
+    assert [(i.node_id, i.closed_because) for i in rows.unused_invites] == [
+        ("beta", None), ("gamma", "revoked")
+    ]  # fmt: skip
+    assert [(n.node_id, n.updated_at) for n in rows.directory] == [("alpha", 31.0)]
+
+
 async def test_a_version_1_database_is_migrated_keeping_its_data(tmp_path: Path) -> None:
     db = tmp_path / "registry.db"
     old = await Database.open(db, MIGRATIONS[:1], FakeClock(), owner="registry", busy_timeout_ms=1)
