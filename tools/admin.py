@@ -4,6 +4,7 @@
   transmural-admin invite --network-dir DIR --db REGISTRY_DB --org-id ID --org-name NAME
                           [--node-id ID] [--registry HOST:PORT] [--ttl-hours H]
   transmural-admin revoke --db REGISTRY_DB --org-id ID
+  transmural-admin members --db REGISTRY_DB [--json]    nodes and invites, read-only
   transmural-admin join TOKEN --dir NODE_DIR              a facility joins
   transmural-admin rejoin TOKEN --config NODE.toml   a revoked node comes back, records kept
   transmural-admin bootstrap registry --data DIR --join-address HOST:PORT
@@ -46,7 +47,7 @@ from node.config import NodeConfig
 from registry import const as registry_const
 from registry import operator
 from registry.network import init_network
-from tools import admin_audit, admin_consent, admin_ingest, bootstrap, devnet
+from tools import admin_audit, admin_consent, admin_ingest, admin_members, bootstrap, devnet
 from tools import demo as demo_scenario
 from tools.admin_users import add_user_commands, run_user_command
 from tools.rejoin import rejoin
@@ -258,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_consent.add_consent_commands(sub)
     _add_membership_commands(sub)
+    admin_members.add_members_command(sub)
     _add_rejoin(sub)
     bootstrap.add_commands(sub)
     add_user_commands(sub)
@@ -477,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(invite(args))
         if args.command == "revoke":
             return asyncio.run(revoke(args.db, args.org_id))
+        if args.command == "members":
+            return asyncio.run(admin_members.run(args.db, args.json))
         if args.command == "join":
             return asyncio.run(join(args))
         if args.command == "rejoin":
