@@ -52,6 +52,7 @@ from typing import Literal
 
 from node.answers import Requester
 from transmural.errors import InvalidInput
+from transmural.names import is_shown_name
 
 Decision = Literal["permit", "deny"]
 ActorKind = Literal["all", "organisation", "category"]
@@ -166,7 +167,7 @@ def _problem(record: ConsentRecord) -> str:
 
 def check_recorded_by(text: str) -> str:
     """Who recorded or withdrew a consent, as the audit log names them; InvalidInput if unfit."""
-    if not _is_text(text, MAX_RECORDED_BY_LENGTH, spaces=True):
+    if not _is_text(text, MAX_RECORDED_BY_LENGTH, spaces=True) or not is_shown_name(text):
         raise InvalidInput(
             f"recorded by must be 1 to {MAX_RECORDED_BY_LENGTH} printable characters, not {text!r}"
         )

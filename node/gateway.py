@@ -177,12 +177,16 @@ class RecentLocations:
             return None
         return (list(known[1]), age) if known[1] else None
 
-    def forget_nodes(self, node_ids: set[str]) -> None:
-        """Drop these nodes from every remembered list (their certificates were revoked)."""
+    def forget_nodes(self, node_ids: set[str]) -> set[str]:
+        """Drop these nodes from every remembered list (their certificates were revoked);
+        returns those that were remembered anywhere."""
+        forgotten: set[str] = set()
         for pseudonym, (when, holders) in list(self._known.items()):
             kept = [f for f in holders if f.node_id not in node_ids]
             if len(kept) != len(holders):
+                forgotten |= {f.node_id for f in holders} - {f.node_id for f in kept}
                 self._known[pseudonym] = (when, kept)
+        return forgotten
 
 
 class Gateway:
@@ -214,10 +218,12 @@ class Gateway:
         While the registry is up it lists no revoked node; while it is down
         the remembered holders would still name one.
         """
-        log.info(
-            "revoked, no longer asked from remembered holders: %s", ", ".join(sorted(node_ids))
-        )
-        self._recent.forget_nodes(node_ids)
+        forgotten = self._recent.forget_nodes(node_ids)
+        if forgotten:  # said only when it changes what a search asks
+            log.info(
+                "revoked, no longer asked from remembered holders: %s",
+                ", ".join(sorted(forgotten)),
+            )
 
     def search(
         self, identifier: Identifier, requester: Requester, deadline_s: float | None = None

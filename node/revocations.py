@@ -27,8 +27,8 @@ from transmural.pki import CertificateIdentity
 log = logging.getLogger(__name__)
 
 _REFUSED_ADVICE = (
-    "ask the network operator for a new invite, join it into a new folder and move this "
-    "node's database there (README: a node the registry refuses)"
+    "ask the network operator for a new invite for this node id, stop the node and run "
+    "`transmural-admin rejoin TOKEN --config node.toml` (README: a node the registry refuses)"
 )
 
 

@@ -27,6 +27,7 @@ from node.records import UserRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
 from transmural.errors import InvalidInput, NotFound, Unauthenticated
+from transmural.names import is_shown_name
 
 #: Role codes a clinician may have (what a peer's consent rules can refer to).
 ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherapist")
@@ -63,9 +64,9 @@ class Clinicians:
             raise InvalidInput("user id: 1-128 letters, digits and . _ @ -, starting alphanumeric")
         # Answering nodes refuse an assertion whose name is not printable
         # (node/assertions.py): such a clinician could sign in and never be answered.
-        if not display_name.strip() or len(display_name) > 200 or not display_name.isprintable():
+        if len(display_name) > 200 or not is_shown_name(display_name.strip()):
             raise InvalidInput(
-                "display name must be 1 to 200 printable characters "
+                "display name must be 1 to 200 printable characters with a letter or digit "
                 f"(no control, invisible or line-break characters), not {display_name!r}"
             )
         if role not in ROLES:

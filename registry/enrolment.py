@@ -38,6 +38,7 @@ from registry.index import NodeRecord, check_node_id, check_text
 from transmural import invite, keywrap, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound, PermissionDenied
+from transmural.names import is_shown_name
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,19 @@ class Membership:
             const.MAX_ORGANISATION_NAME_LENGTH,
             required=True,
         )
-        for field, text in (("organisation id", org_id), ("organisation name", org_name)):
-            if not text.isprintable():  # shown to clinicians and written into the certificate
-                raise InvalidInput(f"{field} has invisible or line-break characters: {text!r}")
+        # Both are shown to clinicians and written into the certificate.
+        if not is_shown_name(org_name):
+            raise InvalidInput(
+                f"organisation name has invisible or line-break characters, or no letter or "
+                f"digit: {org_name!r}"
+            )
+        if not (org_id.isascii() and org_id.isprintable()):  # URA, AGB, NPI: plain ASCII
+            raise InvalidInput(
+                f"organisation id must be printable ASCII (letters, digits, - . and the like), "
+                f"not {org_id!r}"
+            )
+        if join_address:
+            invite.check_join_address(join_address)
         node = check_node_id(node_id) if node_id else node_id_for(org_id)
         if not 0 < ttl_s <= const.MAX_INVITE_TTL_S:
             raise InvalidInput(

@@ -357,13 +357,25 @@ async def test_invites_refuse_a_node_id_already_taken(
 
 async def test_invites_refuse_names_a_clinician_could_misread(registry: RegistryServer) -> None:
     assert registry.membership is not None
-    for org_id, org_name, says in (
-        (ORG_ID, "GP\u200bWest", "organisation name has invisible"),
-        (ORG_ID, "GP \u202etseW", "organisation name has invisible"),
-        ("URA\u00a012", ORG_NAME, "organisation id has invisible"),
+    for org_id, org_name, address, says in (
+        (ORG_ID, "GP\u200bWest", "", "organisation name has invisible"),
+        (ORG_ID, "GP \u202etseW", "", "organisation name has invisible"),
+        (ORG_ID, "\u3164", "", "organisation name has invisible"),  # a Hangul filler: blank
+        (ORG_ID, "\u2800\u2800", "", "organisation name has invisible"),
+        (ORG_ID, "...", "", "no letter or digit"),
+        ("URA\u00a012", ORG_NAME, "", "organisation id must be printable ASCII"),
+        ("URA-\u0661\u0662", ORG_NAME, "", "organisation id must be printable ASCII"),
+        (ORG_ID, ORG_NAME, "0.0.0.0:7001", "is where the registry listens"),
+        (ORG_ID, ORG_NAME, "[::]:7001", "is where the registry listens"),
+        (ORG_ID, ORG_NAME, "999.1.1.1:7001", "has no valid IPv4 address"),
+        (ORG_ID, ORG_NAME, "1.2.3.4.5:7001", "has no valid IPv4 address"),
     ):
         with pytest.raises(InvalidInput, match=says):
-            await registry.membership.create_invite(org_id, org_name, None, "", 3600)
+            await registry.membership.create_invite(org_id, org_name, None, address, 3600)
+    # Names and addresses people do use are fine.
+    await registry.membership.create_invite(ORG_ID, "Huisartsen Zuid-Oost", None,
+                                            "registry.example:7001", 3600)  # fmt: skip
+    await registry.membership.create_invite("URA 2", "Ziekenhuis Gelre", None, "[::1]:7001")
 
 
 async def test_a_joined_node_id_is_free_again_only_after_revocation(

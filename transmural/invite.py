@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -172,11 +173,28 @@ def expired(token: InviteToken, now: float) -> bool:
 
 
 def check_join_address(address: str) -> str:
-    """``address`` if a token can carry it as the registry's join port; InvalidInput if not."""
+    """``address`` if a joining node can dial it as the registry's join port; InvalidInput if not.
+
+    Stricter than what a token may carry when read: a wildcard (0.0.0.0, [::])
+    is where a server listens, never where a node dials, and all-digit
+    dotted hosts must be real IPv4 addresses (999.1.1.1 is no DNS name either).
+    """
     if not _valid_address(address):
         raise InvalidInput(
             f"the join address {address!r} is not host:port "
             "(a DNS name, IPv4 or [IPv6] address, port 1-65535)"
+        )
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if re.fullmatch(r"[0-9.]+", host):
+            raise InvalidInput(f"the join address {address!r} has no valid IPv4 address") from None
+        return address
+    if ip.is_unspecified:
+        raise InvalidInput(
+            f"the join address {address!r} is where the registry listens, not an address a "
+            "node can dial: give the registry's host name or IP address"
         )
     return address
 

@@ -29,8 +29,9 @@ class ServerLock:
     @classmethod
     def beside(cls, database: Path, server: str) -> ServerLock:
         """The lock for ``database`` (``<database>.lock``); ``server`` names it in errors."""
+        real = database.resolve()  # a symlink or another spelling of the path is the same file
         try:
-            return cls.acquire(database.with_name(database.name + ".lock"), server)
+            return cls.acquire(real.with_name(real.name + ".lock"), server)
         except FileNotFoundError:
             raise ConfigError(
                 f"cannot open {server} database {database}: the folder {database.parent} "

@@ -188,7 +188,8 @@ def _check_free(address: str) -> None:
             probe.bind((host, int(port)))
         except OSError as error:
             why = {
-                errno.EADDRINUSE: "another program is listening there",
+                errno.EADDRINUSE: "the address is in use (by another server, or by one of "
+                "this server's own ports)",
                 errno.EADDRNOTAVAIL: "the address is not this machine's",
                 errno.EACCES: "a port below 1024 needs privileges",
             }.get(error.errno or 0, error.strerror or str(error))
