@@ -128,7 +128,8 @@ class MembershipStorage(Protocol):
     """What membership needs from storage; each method is one transaction."""
 
     async def add_invite(self, record: InviteRecord, now: float) -> str | None:
-        """Insert unless the node id is taken; else "certificate" or "invite" (what holds it)."""
+        """Insert unless the node id is taken; else what holds it: "certificate", "invite",
+        or "organisation <id>" (another organisation had it)."""
         ...
 
     async def get_invite(self, secret_hash: bytes) -> InviteRecord | None: ...
@@ -277,6 +278,11 @@ class Membership:
             raise InvalidInput(
                 f"node id {node} already belongs to a joined node; revoke it first "
                 "or give another --node-id"
+            )
+        if taken_by is not None and taken_by.startswith("organisation "):
+            raise InvalidInput(
+                f"node id {node} belonged to {taken_by}: a node id stays with its organisation "
+                "(peers' records and audit logs name it); give another --node-id"
             )
         if taken_by is not None:
             raise InvalidInput(await self._held_by_invite(node, now))

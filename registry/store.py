@@ -161,6 +161,9 @@ _NODE_ID_HOLDER = """
     UNION ALL
     SELECT 'invite' FROM invites
     WHERE node_id = :node_id AND used_at IS NULL AND expires_at > :now
+    UNION ALL
+    SELECT 'organisation ' || organisation_id FROM certificates
+    WHERE node_id = :node_id AND organisation_id != :organisation_id
     LIMIT 1
 """
 # When a node id was last revoked (a certificate, or an invite closed by the
@@ -354,9 +357,12 @@ class RegistryStore:
         inviting one node id at once cannot both succeed.
         """
         async with self._db.transaction("add_invite") as db:
-            holder = list(
-                await db.execute_fetchall(_NODE_ID_HOLDER, {"node_id": record.node_id, "now": now})
-            )
+            asked = {
+                "node_id": record.node_id,
+                "now": now,
+                "organisation_id": record.organisation_id,
+            }
+            holder = list(await db.execute_fetchall(_NODE_ID_HOLDER, asked))
             if holder:
                 return str(holder[0][0])
             await db.execute(

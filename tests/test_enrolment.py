@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2_grpc
 
 from registry import const, operator
+from registry.enrolment import node_id_for
 from registry.network import NetworkFiles, init_network, load_network
 from registry.server import RegistryServer, check_requires_client_certificates
 from tests.registry_pki import OffsetClock, mint_node, registry_channel, wait_for
@@ -386,6 +387,9 @@ async def test_a_joined_node_id_is_free_again_only_after_revocation(
         await make_invite(registry, org_id="URA 12345678")
 
     await operator.revoke(tmp_path / "registry.db", ORG_ID)
+    taken = node_id_for(ORG_ID)
+    with pytest.raises(InvalidInput, match=f"node id {taken} belonged to organisation {ORG_ID}"):
+        await make_invite(registry, org_id="URA 99999999", node_id=taken)  # not another's
 
     await join(await make_invite(registry), tmp_path / "b")
 
