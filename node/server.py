@@ -115,8 +115,9 @@ class NodeServer:
         config = self.config
         network_key = read_network_key(config.network_key_file)
         pseudonymiser = Pseudonymiser(network_key)
-        tls, key = self._load_tls()
         self._lock = ServerLock.beside(config.database, "node")
+        await self._finish_cut_off_rejoin()
+        tls, key = self._load_tls()
         self._store = await NodeStore.open(config.database, node=config.identity)
         self._audit = AuditLog(self._store.database, self.clock)
         self._registry = RegistryLink(config.registry, tls, key_check(network_key))
@@ -152,6 +153,14 @@ class NodeServer:
             config.node_id, self._address, self._gateway_address,
             " (INSECURE: plain gRPC, --insecure-dev)" if tls is None else "",
         )  # fmt: skip
+
+    async def _finish_cut_off_rejoin(self) -> None:
+        """A rejoin stopped between its two renames leaves a new key beside the old certificate."""
+        key, certificate = self.config.private_key, self.config.certificate
+        if key is None or certificate is None:
+            return
+        if await asyncio.to_thread(pki.complete_renewal, key, certificate):
+            log.warning("finished a rejoin that was cut off: its key and certificate are in place")
 
     def _load_tls(self) -> tuple[transport.TlsFiles | None, ec.EllipticCurvePrivateKey | None]:
         config = self.config

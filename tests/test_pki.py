@@ -277,3 +277,50 @@ def test_certificate_round_trip_and_junk(
     path.write_bytes(b"junk")
     with pytest.raises(ConfigError, match="not a PEM certificate"):
         pki.read_certificate(path)
+
+
+def node_pair(
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+) -> tuple[pki.PrivateKey, x509.Certificate]:
+    ca_key, ca_cert = ca
+    key = pki.new_private_key()
+    csr = pki.make_csr(key, "node-1")
+    cert = pki.issue_node_certificate(ca_key, ca_cert, csr, "node-1", "URA-1", "One", now=NOW)
+    return key, cert
+
+
+def test_a_renewal_swaps_the_pair_and_finishes_one_cut_off(
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], tmp_path: Path
+) -> None:
+    key_path, cert_path = tmp_path / "node.key", tmp_path / "node.crt"
+    old_key, old_cert = node_pair(ca)
+    pki.write_private_key(key_path, old_key)
+    pki.write_certificate(cert_path, old_cert)
+    assert not pki.complete_renewal(key_path, cert_path)  # nothing staged: nothing moves
+
+    new_key, new_cert = node_pair(ca)
+    pki.stage_renewal(key_path, cert_path, new_key, new_cert)
+    assert pki.complete_renewal(key_path, cert_path)
+    assert pki.read_certificate(cert_path) == new_cert
+    assert pki.read_private_key(key_path).public_key() == new_key.public_key()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert not pki.staged(key_path).exists() and not pki.staged(cert_path).exists()
+
+    # Cut off between the renames: the key is new, the certificate waits beside it.
+    newer_key, newer_cert = node_pair(ca)
+    pki.stage_renewal(key_path, cert_path, newer_key, newer_cert)
+    pki.staged(key_path).replace(key_path)
+    assert pki.complete_renewal(key_path, cert_path)
+    assert pki.read_certificate(cert_path) == newer_cert
+
+    # Cut off while staging: a key alone is dropped, the pair in place stays.
+    pki.write_private_key(pki.staged(key_path), pki.new_private_key())
+    assert not pki.complete_renewal(key_path, cert_path)
+    assert not pki.staged(key_path).exists()
+    assert pki.read_certificate(cert_path) == newer_cert
+
+    # A staged certificate for no key here is refused, not installed.
+    pki.write_certificate(pki.staged(cert_path), node_pair(ca)[1])
+    with pytest.raises(ConfigError, match="does not fit the key"):
+        pki.complete_renewal(key_path, cert_path)
+    assert pki.read_certificate(cert_path) == newer_cert

@@ -7,8 +7,10 @@ and invite are the registry's own code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,35 @@ async def test_an_invite_that_made_another_node_replaces_nothing(
     with pytest.raises(ConfigError, match="the invite was for node node-9 of URA-9, not node-2"):
         await rejoin(unnamed, second.config)
     assert second.config.private_key.read_bytes() == key_before
+
+
+async def test_a_rejoin_cut_off_between_its_renames_is_finished_when_the_node_starts(
+    network: NetworkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = await network(n=2)
+    second = net.nodes[1]
+    config = second.config
+    await operator.revoke(net.root / "registry.db", config.organisation_id)
+    await second.stop(0)
+    renames = 0
+    real_replace = os.replace
+
+    def killed_after_the_first(source: Any, target: Any) -> None:
+        nonlocal renames
+        renames += 1
+        if renames == 2:
+            raise KeyboardInterrupt  # the process dies here, as with Ctrl-C or SIGKILL
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        await rejoin(await invite_again(net, "node-2"), config)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert config.certificate is not None and pki.staged(config.certificate).exists()
+    assert any("re-joined as node-2" in r for r in audit_reasons(config.database))
+
+    restarted = NodeServer(config)
+    await restarted.start()  # finishes the swap instead of "the key does not belong"
+    net.nodes[1] = restarted
+    assert not pki.staged(config.certificate).exists()
+    await restarted.publisher.publish_pending()  # accepted: the new certificate is in use

@@ -40,6 +40,7 @@ from registry.network import FILES as NETWORK_FILES
 from registry.network import NetworkFiles, init_network, load_network
 from registry.store import RegistryStore
 from tools import join as joining
+from tools.admin_audit import os_user
 from transmural import invite, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import ConfigError, InvalidInput, Unavailable
@@ -325,6 +326,7 @@ async def _audit_join(config: NodeConfig) -> None:
                 outcome_reason=f"joined as {config.node_id} of {config.organisation_id} "
                 f"via the registry at {config.registry}",
                 organisation_id=config.organisation_id, requesting_node=config.node_id,
+                clinician_id=os_user(),
             )
         )  # fmt: skip
     finally:

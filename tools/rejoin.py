@@ -9,21 +9,21 @@ everything else. It refuses, before the invite is used up, an invite for
 another node or another network, and a node that is still running; after
 the Join it replaces nothing unless the registry named the same node and
 organisation and sent the same network key. Every patient is queued to be
-listed again (the registry dropped the revoked node's index entries), and
-the re-join is the next record in the node's own audit log.
+listed again (the registry dropped the revoked node's index entries), the
+re-join is the next record in the node's own audit log, and then the new key
+and certificate are staged and swapped in (``pki.complete_renewal``; a swap
+cut off half-way is finished when the node starts).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.store import NodeStore
+from tools.admin_audit import os_user
 from tools.join import Enrolment, decode_unexpired, enrol
 from transmural import pki
 from transmural.clock import Clock, SystemClock
@@ -49,11 +49,11 @@ async def rejoin(
         try:
             done = await enrol(token, config.private_key.parent, interfaces_for_discovery)
             _check_same_node(done, config)
-            # Before the new key: a revoked node's index entries were dropped by the
-            # registry, and the node republishes from this queue once it serves.
+            # The Join happened: recorded, and every patient queued to be listed again
+            # (the registry dropped the revoked node's entries), before the files move.
             await store.request_full_relisting()
-            await asyncio.to_thread(_replace_key_and_certificate, done, config)
             await _audit_rejoin(store, done, clock or SystemClock())
+            await asyncio.to_thread(_replace_key_and_certificate, done, config)
         finally:
             await store.close()
     finally:
@@ -93,37 +93,28 @@ def _check_same_node(done: Enrolment, config: NodeConfig) -> None:
 
 
 def _replace_key_and_certificate(done: Enrolment, config: NodeConfig) -> None:
-    """Both files or neither: each written to a temporary name, then renamed into place."""
+    """Stage both files, then swap them in; one cut off between is finished at node start."""
     assert config.private_key is not None and config.certificate is not None
-    writes: list[tuple[Path, Callable[[Path], None]]] = [
-        (config.private_key, lambda p: pki.write_private_key(p, done.key)),
-        (config.certificate, lambda p: pki.write_certificate(p, done.certificate)),
-    ]
-    staged = []
     try:
-        for final, write in writes:
-            temporary = final.with_name(f".{final.name}.rejoining")
-            staged.append(temporary)
-            write(temporary)
-        for temporary, (final, _) in zip(staged, writes, strict=True):
-            os.replace(temporary, final)
+        pki.stage_renewal(config.private_key, config.certificate, done.key, done.certificate)
+        pki.complete_renewal(config.private_key, config.certificate)
     except OSError as error:
-        for temporary in staged:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
         raise ConfigError(
             f"cannot write the new key and certificate beside {config.private_key}: "
-            f"{error.strerror}"
+            f"{error.strerror}; the invite is used up: if {pki.staged(config.certificate)} is "
+            "there, the node finishes the swap when it starts; if not, ask for a new invite"
         ) from None
 
 
 async def _audit_rejoin(store: NodeStore, done: Enrolment, clock: Clock) -> None:
     serial = pki.identity(done.certificate).serial
+    node = done.node
     await AuditLog(store.database, clock).append(
         AuditRecord(
             action="join", outcome="granted", side="local",
-            outcome_reason=f"re-joined as {done.node.node_id} of {done.node.organisation_id} "
-            f"via the registry at {done.join_address}: new key and certificate (serial {serial})",
-            organisation_id=done.node.organisation_id, requesting_node=done.node.node_id,
+            outcome_reason=f"re-joined as {node.node_id} of {node.organisation_id} via the "
+            f"registry at {node.registry_endpoint}: new key and certificate (serial {serial})",
+            organisation_id=node.organisation_id, requesting_node=node.node_id,
+            clinician_id=os_user(),
         )
     )  # fmt: skip

@@ -238,6 +238,44 @@ def write_certificate(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def staged(path: Path) -> Path:
+    """Where a renewed key or certificate waits beside ``path`` until both are written."""
+    return path.with_name(f".{path.name}.renewed")
+
+
+def stage_renewal(key_path: Path, cert_path: Path, key: PrivateKey, cert: x509.Certificate) -> None:
+    """Write a new key and certificate beside the old pair; ``complete_renewal`` swaps them.
+
+    Two renames cannot be one step: a renewal cut off between them is
+    finished by the next ``complete_renewal`` (the node runs it at start).
+    """
+    write_private_key(staged(key_path), key)
+    write_certificate(staged(cert_path), cert)
+
+
+def complete_renewal(key_path: Path, cert_path: Path) -> bool:
+    """Put a staged pair in place, key first; True if anything moved.
+
+    A staged key without its certificate is a staging cut off: it is
+    dropped and the old pair stays. ConfigError if the staged certificate
+    fits neither the staged nor the current key.
+    """
+    new_key, new_cert = staged(key_path), staged(cert_path)
+    if not new_cert.exists():
+        new_key.unlink(missing_ok=True)
+        return False
+    fitting = read_private_key(new_key if new_key.exists() else key_path)
+    if read_certificate(new_cert).public_key() != fitting.public_key():
+        raise ConfigError(
+            f"{new_cert} (a renewal cut off) does not fit the key it would go with: "
+            f"remove it, and {new_key} if there"
+        )
+    if new_key.exists():
+        os.replace(new_key, key_path)
+    os.replace(new_cert, cert_path)
+    return True
+
+
 def read_certificate(path: Path) -> x509.Certificate:
     data = _read(path, "certificate")
     try:
