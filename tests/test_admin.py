@@ -304,3 +304,25 @@ def test_every_admin_command_in_the_readmes_parses(markdown: str) -> None:
             admin._parser().parse_args(shlex.split(command))
         except SystemExit:
             pytest.fail(f"{markdown}: transmural-admin {command}")
+
+
+def test_a_joined_nodes_config_with_a_wrong_database_path_makes_no_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """join made the database; a misspelt path must not start an empty one beside it."""
+    config = NodeConfig.load(node_config(tmp_path))
+    joined = dataclasses.replace(
+        config, insecure_dev=False, database=tmp_path / "nodee.db",
+        certificate=tmp_path / "node.crt", private_key=tmp_path / "node.key",
+        ca_certificate=tmp_path / "ca.crt",
+    )  # fmt: skip
+    path = tmp_path / "joined.toml"
+    path.write_text(joined.to_toml(tmp_path))
+    generate(tmp_path / "bundles", patients=1)
+    for argv in (
+        ["user", "add", "--config", str(path), "--id", "dr.a", "--name", "Dr A", "--role", "nurse"],
+        ["ingest", "--config", str(path), str(tmp_path / "bundles")],
+    ):
+        assert admin.main(argv) == 2, argv
+        assert f"no node database at {tmp_path / 'nodee.db'}" in capsys.readouterr().err
+    assert not (tmp_path / "nodee.db").exists()

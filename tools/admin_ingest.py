@@ -74,7 +74,10 @@ async def ingest(
     config = NodeConfig.load(config_path)
     pseudonymiser = Pseudonymiser(read_network_key(config.network_key_file))
     planned = await asyncio.to_thread(_plan, paths)
-    store = await NodeStore.open(config.database, node=config.identity)
+    # A joined node's database exists since join (an --insecure-dev one may start here).
+    store = await NodeStore.open(
+        config.database, existing=not config.insecure_dev, node=config.identity
+    )
     try:
         with _Progress(sum(len(p.files) for p in planned), err) as progress:
             for item in planned:

@@ -59,9 +59,12 @@ def add_user_commands(sub: argparse._SubParsersAction) -> None:
 async def run_user_command(args: argparse.Namespace) -> int:
     """``user add|list|remove``; NotFound (exit 1) for an unknown clinician to remove."""
     config = NodeConfig.load(args.config)
-    # Adding the first clinician may come before the node first serves; the rest reads.
+    # join made the database (its first audit record): a missing one is a wrong path.
+    # Only an --insecure-dev node, which never joined, may start it here.
     store = await NodeStore.open(
-        config.database, existing=args.user_command != "add", node=config.identity
+        config.database,
+        existing=args.user_command != "add" or not config.insecure_dev,
+        node=config.identity,
     )
     try:
         clinicians = Clinicians(store)
