@@ -268,11 +268,6 @@ def in_force(record: ConsentRecord, now: datetime | float) -> bool:
     return record.period_end is None or moment <= span(record.period_end)[1]
 
 
-def ended(record: ConsentRecord, now: datetime | float) -> bool:
-    """Its period is over: a consent recorded now would never apply."""
-    return record.period_end is not None and span(record.period_end)[1] < as_utc(now)
-
-
 def covering(new: ConsentRecord, existing: Iterable[ConsentRecord]) -> ConsentRecord | None:
     """An active consent saying what ``new`` says, from no later and to the same end.
 

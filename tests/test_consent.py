@@ -28,7 +28,6 @@ from node.consent import (
     covering,
     decide,
     describe,
-    ended,
     in_force,
     is_consent_id,
     locatable,
@@ -41,7 +40,7 @@ from node.records import BundleDraft, PatientDraft
 from node.store import NodeStore
 from tools.admin_audit import os_user
 from transmural import pki
-from transmural.clock import SystemClock
+from transmural.clock import SystemClock, utc_iso
 from transmural.database import Database
 from transmural.errors import InvalidInput, NotFound, Unavailable
 from transmural.identifiers import BSN_SYSTEM, canonical
@@ -366,13 +365,6 @@ def test_a_consent_recorded_already_covers_the_same_one_again() -> None:
     assert covering(permit(period_start="2025-06-01"), [withdrawn]) is None
 
 
-def test_a_period_that_is_over_has_ended() -> None:
-    now = datetime(2026, 12, 4, tzinfo=UTC)
-    assert ended(permit(period_end="2026-12-03"), now)
-    assert not ended(permit(period_end="2026-12-04"), now)  # the whole day counts
-    assert not ended(permit(), now)
-
-
 def test_a_bad_policy_is_refused() -> None:
     with pytest.raises(InvalidInput, match="opt-in or opt-out"):
         ConsentPolicy("sometimes")  # type: ignore[arg-type]
@@ -592,7 +584,8 @@ async def test_cli_refusals(node: Path) -> None:
     assert "'31-12-2030' is not a date" in bad_date.stderr
     backwards = admin("consent", "add", "--config", node, BSN_A, "--permit", "--from",
                       "2030-01-01", "--until", "2029-01-01", "--recorded-by", "desk")  # fmt: skip
-    assert backwards.returncode == 2 and "ends before it starts" in backwards.stderr
+    assert backwards.returncode == 2
+    assert "--until 2029-01-01 is before the consent starts (2030-01-01)" in backwards.stderr
     both = admin("consent", "add", "--config", node, BSN_A, "--permit", "--deny",
                  "--recorded-by", "desk")  # fmt: skip
     assert both.returncode == 2
@@ -606,7 +599,12 @@ async def test_cli_refusals(node: Path) -> None:
     assert "not checked against" not in blank.stderr  # spelling first, the registry after
     past = admin("consent", "add", "--config", node, BSN_A, "--permit", "--from", "2020-01-01",
                  "--until", "2021-01-01", "--recorded-by", "desk")  # fmt: skip
-    assert past.returncode == 2 and "the period ended at 2021-01-01" in past.stderr
+    assert past.returncode == 2 and "--until 2021-01-01 is over" in past.stderr
+    a_minute_ago = utc_iso(SystemClock().now() - 60)
+    just_past = admin("consent", "add", "--config", node, BSN_A, "--deny", "--until",
+                      a_minute_ago, "--recorded-by", "desk")  # fmt: skip
+    assert just_past.returncode == 2 and f"--until {a_minute_ago} is over" in just_past.stderr
+    assert "consent c-" not in just_past.stderr  # no id of a consent never recorded
     for hidden in ("desk\u202e", "de\u200bsk", "desk\x9b"):  # reads as "desk", is not
         sneaky = admin("consent", "add", "--config", node, BSN_A, "--permit",
                        "--recorded-by", hidden)  # fmt: skip

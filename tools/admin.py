@@ -451,7 +451,7 @@ def _token(given: str) -> str:
         return given
     line = sys.stdin.readline().strip()
     if not line:
-        raise ConfigError("TOKEN -: no invite token on standard input (one line expected)")
+        raise ConfigError("TOKEN -: no invite token on standard input (its first line is read)")
     return line
 
 

@@ -37,11 +37,12 @@ from node.consent import (
     RECORDED_VIA,
     ActorKind,
     ConsentRecord,
+    as_utc,
     covering,
     describe,
-    ended,
     is_fhir_datetime,
     new_consent_id,
+    span,
 )
 from node.consent_desk import ConsentDesk
 from node.consent_fhir import (
@@ -215,14 +216,13 @@ async def _add(
         kind, actor = "category", args.category
     if args.not_yet_joined and kind != "organisation":
         raise InvalidInput("--not-yet-joined goes with --organisation")
+    _check_period(args.start or now, args.end)
     record = ConsentRecord(
         consent_id=new_consent_id(), patient_key=patient.patient_key,
         decision="permit" if args.permit else "deny", actor_kind=kind, actor=actor,
         data=frozenset(args.data), period_start=args.start or now, period_end=args.end,
         recorded_by=args.recorded_by, recorded_via=args.via, recorded_at=now,
     )  # fmt: skip
-    if ended(record, SystemClock().now()):
-        raise InvalidInput(f"the period ended at {record.period_end}: it would never apply")
     same = covering(record, await store.consents_of(patient.patient_key))
     if same is not None:
         raise InvalidInput(
@@ -233,6 +233,16 @@ async def _add(
     await ConsentDesk(store).record([record], by=os_user())
     print(f"recorded {describe(record)}, {_period(record)}")
     return 0
+
+
+def _check_period(start: str, end: str | None) -> None:
+    """Said in the options' words, before a consent (and its id) is made."""
+    if end is None:
+        return
+    if span(end)[1] < as_utc(SystemClock().now()):
+        raise InvalidInput(f"--until {end} is over: a consent that ended would never apply")
+    if span(end)[1] < span(start)[0]:
+        raise InvalidInput(f"--until {end} is before the consent starts ({start})")
 
 
 async def _check_members(config: NodeConfig, organisation_ids: set[str]) -> None:

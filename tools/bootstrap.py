@@ -194,7 +194,8 @@ async def _still_revoked(
     if revoked is None:
         return None
     return (
-        f"node {spec.node_id} was revoked at {utc_iso(revoked)} and is not invited again, "
+        f"node {spec.node_id} (its certificate or its invite) was revoked at "
+        f"{utc_iso(revoked)} and is not invited again, "
         f"which would undo that; if the facility is to come back, invite it by hand: "
         f"{_invite_by_hand(spec, path, registry)}"
     )

@@ -151,7 +151,7 @@ def _flags(given: Overrides) -> dict[str, str]:
 def _token_from_stdin() -> str:
     line = sys.stdin.readline()
     if not line.strip():
-        raise ClientError("--token -: no token on standard input (one line expected)", 2)
+        raise ClientError("--token -: no token on standard input (its first line is read)", 2)
     return line.strip()
 
 
