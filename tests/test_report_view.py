@@ -348,3 +348,19 @@ def test_tables_show_what_facilities_sent_as_text_not_markup_nor_terminal_codes(
     text = out.getvalue()
     assert "\x1b" not in text
     assert "[/oops]" in text and "[/y]" in text and "\\x1b[31mred" in text
+
+
+def test_long_node_ids_keep_the_columns_in_line() -> None:
+    from tools.gateway_client import Document, FacilityResult
+    from tools.render import documents_table, facility_line, node_width
+
+    ids = ["node-1", "ura-12345678901"]
+    width = node_width(ids)
+    lines = [facility_line(FacilityResult(node_id, "Facility", "ok", 5), width) for node_id in ids]
+    assert lines[0].index("Facility") == lines[1].index("Facility")
+    document = Document(
+        "DocumentReference/1", "Note", "", "", "text/plain", 10, "", "2025-01-01", ""
+    )
+    table = documents_table([FacilityResult(n, "F", "ok", 5, documents=[document]) for n in ids])
+    assert len({line.index("2025") for line in table[1:]}) == 1
+    assert node_width(["x" * 64]) == 24  # a 64-character id is cut, not the whole table

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date
 from types import TracebackType
 from typing import Any, TextIO
@@ -39,12 +39,19 @@ from tools.gateway_client import Document, FacilityItems, FacilityResult, Holder
 
 #: Documents at least this large get a progress bar while fetched (on a terminal).
 FETCH_PROGRESS_BYTES = 1024 * 1024
+#: Widest the facility (node id) column grows; longer ids are cut with "…".
+NODE_COLUMN_MAX = 24
 #: How often a live display redraws, per second.
 REFRESH_PER_SECOND = 8
 
 
-def facility_line(result: FacilityResult | FacilityItems) -> str:
-    """One line per facility, printed the moment it answers."""
+def node_width(node_ids: Iterable[str]) -> int:
+    """The facility column's width: the longest node id, 10 to NODE_COLUMN_MAX."""
+    return min(max([10, *(len(n) for n in node_ids)]), NODE_COLUMN_MAX)
+
+
+def facility_line(result: FacilityResult | FacilityItems, width: int = 10) -> str:
+    """One line per facility, printed the moment it answers; ``width``: see ``node_width``."""
     if result.status != "ok":
         detail = result.message
     elif isinstance(result, FacilityItems):
@@ -55,7 +62,8 @@ def facility_line(result: FacilityResult | FacilityItems) -> str:
         detail = f"{detail} ({result.message})"
     # Names and messages come from the network: escaped, they cannot drive the terminal.
     return printable(
-        f"  {result.status:<15} {result.node_id:<10} {_cut(result.organisation, 36):<36} "
+        f"  {result.status:<15} {_cut(result.node_id, width):<{width}} "
+        f"{_cut(result.organisation, 36):<36} "
         f"{result.elapsed_ms:>6} ms  {detail}".rstrip()
     )
 
@@ -76,6 +84,7 @@ class LiveStatus:
         self._clock = clock
         self._started = clock()
         self._waiting: dict[str, str] = {}  # node id -> organisation
+        self._width = 10  # of the facility column, once the holders are known
         self._lines: list[str] = []
         self._live: Live | None = None
 
@@ -98,6 +107,7 @@ class LiveStatus:
 
     def located(self, holders: Holders) -> None:
         self._waiting = dict(zip(holders.node_ids, holders.organisations, strict=False))
+        self._width = node_width(holders.node_ids)
         if self._console is None or self._out is None:
             return
         if not self.live:
@@ -113,7 +123,7 @@ class LiveStatus:
 
     def answered(self, result: FacilityResult | FacilityItems) -> None:
         self._waiting.pop(result.node_id, None)
-        self._lines.append(facility_line(result))
+        self._lines.append(facility_line(result, self._width))
         if self._live is not None:
             self._live.refresh()
         elif self._out is not None:
@@ -121,8 +131,14 @@ class LiveStatus:
 
     def _render(self) -> Group:
         s = self._clock() - self._started
+        w = self._width
         waiting = [
-            Text(printable(f"  {'waiting':<15} {node:<10} {_cut(org, 36):<36} {s:>6.1f} s"), "dim")
+            Text(
+                printable(
+                    f"  {'waiting':<15} {_cut(node, w):<{w}} {_cut(org, 36):<36} {s:>6.1f} s"
+                ),
+                "dim",
+            )
             for node, org in self._waiting.items()
         ]
         return Group(*(Text(line) for line in self._lines), *waiting)
@@ -216,12 +232,13 @@ def documents_table(results: list[FacilityResult], limit: int | None = None) -> 
     rows.sort(key=lambda row: row[1].created, reverse=True)
     if not rows:
         return []
-    lines = [f"  {'facility':<10} {'date':<10} {'type':<30} {'size':>8}  document id"]
+    w = node_width(node_id for node_id, _ in rows)
+    lines = [f"  {'facility':<{w}} {'date':<10} {'type':<30} {'size':>8}  document id"]
     shown = rows if limit is None else rows[:limit]
     for node_id, d in shown:
         kind = d.type_display or d.title
         lines.append(
-            f"  {node_id:<10} {d.created[:10]:<10} {_cut(kind, 30):<30} "
+            f"  {_cut(node_id, w):<{w}} {d.created[:10]:<10} {_cut(kind, 30):<30} "
             f"{_size(d.size):>8}  {d.document_id}"
         )
     if len(shown) < len(rows):
