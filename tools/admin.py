@@ -394,19 +394,9 @@ def _add_membership_commands(sub: argparse._SubParsersAction[OneLineParser]) -> 
         "receive the network key. Writes node.key, node.crt, ca.crt, network.key and "
         "node.toml into NODE_DIR; refuses a folder that already holds a joined node.",
     )
-    j.add_argument(
-        "token", metavar="TOKEN", help="the invite token from the operator (- reads stdin)"
-    )
+    _add_token_arguments(j, "the invite token from the operator")
     j.add_argument(
         "--dir", type=given_path, required=True, metavar="NODE_DIR", help="the node's folder"
-    )
-    j.add_argument(
-        "--discover-on",
-        nargs="+",
-        default=[],
-        metavar="ADDR",
-        help="interface addresses to look for the registry on with zeroconf, when the "
-        "token carries no address (default 127.0.0.1)",
     )
     j.add_argument(
         "--national-system",
@@ -432,13 +422,16 @@ def _add_rejoin(sub: argparse._SubParsersAction[OneLineParser]) -> None:
         "invite --node-id ID) to replace the node's key and certificate where node.toml "
         "says; node.toml, the database and the audit log stay. Stop the node first.",
     )
-    r.add_argument(
-        "token", metavar="TOKEN", help="the new invite token from the operator (- reads stdin)"
-    )
+    _add_token_arguments(r, "the new invite token from the operator")
     r.add_argument(
         "--config", type=given_path, required=True, metavar="NODE.toml", help="the node's config"
     )
-    r.add_argument(
+
+
+def _add_token_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """TOKEN and --discover-on: how join and rejoin find the registry."""
+    parser.add_argument("token", metavar="TOKEN", help=f"{what} (- reads it from stdin)")
+    parser.add_argument(
         "--discover-on", nargs="+", default=[], metavar="ADDR",
         help="interface addresses to look for the registry on with zeroconf, when the "
         "token carries no address (default 127.0.0.1)",

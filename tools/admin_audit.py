@@ -196,6 +196,18 @@ async def record_local(
     await AuditLog(store.database, SystemClock()).append(record)
 
 
+def join_record(
+    node_id: str, organisation_id: str, registry: str, how: str = "joined", after: str = ""
+) -> AuditRecord:
+    """A join or re-join in the node's own log: as whom, via which registry, by which OS user."""
+    return AuditRecord(
+        action="join", outcome="granted", side="local",
+        outcome_reason=f"{how} as {node_id} of {organisation_id} via the registry at "
+        f"{registry}{after}",
+        organisation_id=organisation_id, requesting_node=node_id, clinician_id=os_user(),
+    )  # fmt: skip
+
+
 def os_user() -> str:
     """Who ran the command; containers may have no passwd entry for the uid."""
     try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from node.audit import AuditLog, AuditRecord
+from node.audit import AuditLog
 from node.config import NodeConfig
 from node.store import NodeStore
 from registry import const as registry_const
@@ -40,7 +40,7 @@ from registry.network import FILES as NETWORK_FILES
 from registry.network import NetworkFiles, init_network, load_network
 from registry.store import RegistryStore
 from tools import join as joining
-from tools.admin_audit import os_user
+from tools.admin_audit import join_record
 from transmural import invite, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import ConfigError, InvalidInput, Unavailable
@@ -322,14 +322,8 @@ async def _audit_join(config: NodeConfig) -> None:
     store = await NodeStore.open(config.database)
     try:
         await AuditLog(store.database, SystemClock()).append(
-            AuditRecord(
-                action="join", outcome="granted", side="local",
-                outcome_reason=f"joined as {config.node_id} of {config.organisation_id} "
-                f"via the registry at {config.registry}",
-                organisation_id=config.organisation_id, requesting_node=config.node_id,
-                clinician_id=os_user(),
-            )
-        )  # fmt: skip
+            join_record(config.node_id, config.organisation_id, config.registry)
+        )
     finally:
         await store.close()
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from node.audit import AuditLog, AuditRecord
+from node.audit import AuditLog
 from node.config import NodeConfig
 from node.store import NodeStore
-from tools.admin_audit import os_user
+from tools.admin_audit import join_record
 from tools.join import Enrolment, decode_unexpired, enrol
 from transmural import pki
 from transmural.clock import Clock, SystemClock
@@ -107,14 +107,7 @@ def _replace_key_and_certificate(done: Enrolment, config: NodeConfig) -> None:
 
 
 async def _audit_rejoin(store: NodeStore, done: Enrolment, clock: Clock) -> None:
-    serial = pki.identity(done.certificate).serial
-    node = done.node
-    await AuditLog(store.database, clock).append(
-        AuditRecord(
-            action="join", outcome="granted", side="local",
-            outcome_reason=f"re-joined as {node.node_id} of {node.organisation_id} via the "
-            f"registry at {node.registry_endpoint}: new key and certificate (serial {serial})",
-            organisation_id=node.organisation_id, requesting_node=node.node_id,
-            clinician_id=os_user(),
-        )
-    )  # fmt: skip
+    node, serial = done.node, pki.identity(done.certificate).serial
+    record = join_record(node.node_id, node.organisation_id, node.registry_endpoint,
+                         "re-joined", f": new key and certificate (serial {serial})")  # fmt: skip
+    await AuditLog(store.database, clock).append(record)
