@@ -625,14 +625,21 @@ async def test_a_port_in_use_is_one_line_naming_why(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
-        process = await run_cli("serve", "--db", str(tmp_path / "r.db"), "--insecure-dev",
-                                "--listen", address, "--log-level", "WARNING")  # fmt: skip
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "localhost"):  # localhost: grpc would serve on ::1 alone
+            listen = ["--listen", f"{host}:{port}", "--log-level", "WARNING"]
+            process = await run_cli("serve", "--db", str(tmp_path / "r.db"), "--insecure-dev",
+                                    *listen)  # fmt: skip
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+            assert process.returncode == 2
+            (line,) = stderr.decode().splitlines()
+            said = f"cannot listen on {host}:{port}: 127.0.0.1 port {port}: in use (by another"
+            assert line.startswith(f"transmural-registry: error: {said}"), line
+    process = await run_cli("serve", "--db", str(tmp_path / "r.db"), "--insecure-dev",
+                            "--listen", "nowhere.invalid:7000")  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
     assert process.returncode == 2
-    said = f"cannot listen on {address}: the address is in use (by another server"
-    (line,) = stderr.decode().splitlines()
-    assert line.startswith(f"transmural-registry: error: {said}")
+    assert stderr.decode().splitlines()[-1].endswith("nowhere.invalid does not resolve")
 
 
 async def test_reregistering_at_another_endpoint_warns(

@@ -11,11 +11,11 @@ reflection services, so grpcurl and grpc-health-probe work against them.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.exceptions import InvalidSignature
@@ -167,33 +167,44 @@ def bind(
 
 
 def _check_free(address: str) -> None:
-    """ConfigError saying why a numeric ``address`` cannot be bound, before grpc tries.
+    """ConfigError saying why ``address`` cannot be bound, before grpc tries.
 
     grpc's own failure is an ERROR line from its C core on stderr and one
-    status for every cause; this names the cause. Host names are left to
-    grpc (resolving them here could block). The socket is closed at once,
-    so grpc binds the port as usual.
+    status for every cause; and for a name with several addresses
+    (localhost: 127.0.0.1 and ::1) grpc serves on those it could bind and
+    quietly drops the rest. Each address the name resolves to is tried
+    here; the sockets close at once, so grpc binds the port as usual. Host
+    names resolve once, at start-up (the hosts file, or DNS).
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return
     if not port.isdigit() or int(port) == 0:
         return
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
-        try:
-            probe.bind((host, int(port)))
-        except OSError as error:
-            why = {
-                errno.EADDRINUSE: "the address is in use (by another server, or by one of "
-                "this server's own ports)",
-                errno.EADDRNOTAVAIL: "the address is not this machine's",
-                errno.EACCES: "a port below 1024 needs privileges",
-            }.get(error.errno or 0, error.strerror or str(error))
-            raise ConfigError(f"cannot listen on {address}: {why}") from None
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ConfigError(f"cannot listen on {address}: {host} does not resolve") from None
+    missing = []
+    for family, kind, _, _, where in found:
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                probe.bind(where)
+            except OSError as error:
+                if error.errno != errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"cannot listen on {address}: {_why(error, where)}") from None
+                missing.append(_why(error, where))  # e.g. ::1 where IPv6 is off: grpc skips it
+    if len(missing) == len(found):
+        raise ConfigError(f"cannot listen on {address}: {missing[0]}")
+
+
+def _why(error: OSError, where: tuple[Any, ...]) -> str:
+    said = {
+        errno.EADDRINUSE: "in use (by another server, or by one of this server's own ports)",
+        errno.EADDRNOTAVAIL: "not this machine's",
+        errno.EACCES: "a port below 1024 needs privileges",
+    }.get(error.errno or 0, error.strerror or str(error))
+    return f"{where[0]} port {where[1]}: {said}"
 
 
 def add_health_and_reflection(
