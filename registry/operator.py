@@ -211,8 +211,12 @@ async def _open_existing(
     db: Path, clock: Clock | None, *, read_only: bool = False
 ) -> RegistryStore:
     """The registry's database; never a new empty one that the registry does not read."""
-    if not await asyncio.to_thread(db.is_file):
+    if not await asyncio.to_thread(_has_content, db):  # an empty file: SQLite would start one
         raise ConfigError(
             f"there is no registry database {db}: give the --db the registry serves with"
         )
     return await RegistryStore.open(db, clock, read_only=read_only)
+
+
+def _has_content(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0

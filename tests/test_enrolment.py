@@ -409,6 +409,10 @@ async def test_operator_invite_goes_through_the_registry_database(
     with pytest.raises(ConfigError, match="there is no registry database"):
         await operator.invite(network.folder, tmp_path / "typo.db", "A", "B")
     assert not (tmp_path / "typo.db").exists()
+    (tmp_path / "empty.db").touch()  # SQLite would take an empty file as a new database
+    with pytest.raises(ConfigError, match="there is no registry database"):
+        await operator.revoke(tmp_path / "empty.db", "AGB 0101")
+    assert (tmp_path / "empty.db").stat().st_size == 0
 
 
 # --- the mutual-TLS port ---
