@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 _REFUSED_ADVICE = (
     "ask the network operator for a new invite for this node id, stop the node and run "
-    "`transmural-admin rejoin TOKEN --config node.toml` (README: a node the registry refuses)"
+    "`transmural-admin rejoin TOKEN --config node.toml` (README: a node the registry refuses; "
+    "if a rejoin was cut off after the registry answered, the operator revokes again first)"
 )
 
 

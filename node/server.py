@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from node import const
 from node.answers import Facility
 from node.assertions import AssertionCheck, AssertionSigner
-from node.audit import AuditLog
+from node.audit import AuditLog, AuditRecord
 from node.audit_asking import AskingAudit
 from node.config import NodeConfig
 from node.consent import ConsentPolicy
@@ -116,10 +116,12 @@ class NodeServer:
         network_key = read_network_key(config.network_key_file)
         pseudonymiser = Pseudonymiser(network_key)
         self._lock = ServerLock.beside(config.database, "node")
-        await self._finish_cut_off_rejoin()
+        finished = await self._finish_cut_off_rejoin()
         tls, key = self._load_tls()
         self._store = await NodeStore.open(config.database, node=config.identity)
         self._audit = AuditLog(self._store.database, self.clock)
+        if finished:
+            await self._record_finished_rejoin(self._store, self._audit)
         self._registry = RegistryLink(config.registry, tls, key_check(network_key))
         signer = AssertionSigner(config.node_id, config.organisation_id, key, self.clock)
         self._peers = PeerChannels(tls, signer, self.clock)
@@ -154,13 +156,28 @@ class NodeServer:
             " (INSECURE: plain gRPC, --insecure-dev)" if tls is None else "",
         )  # fmt: skip
 
-    async def _finish_cut_off_rejoin(self) -> None:
-        """A rejoin stopped between its two renames leaves a new key beside the old certificate."""
+    async def _finish_cut_off_rejoin(self) -> bool:
+        """A rejoin stopped after staging leaves the new key and certificate beside the old."""
         key, certificate = self.config.private_key, self.config.certificate
         if key is None or certificate is None:
-            return
-        if await asyncio.to_thread(pki.complete_renewal, key, certificate):
+            return False
+        finished = await asyncio.to_thread(pki.complete_renewal, key, certificate)
+        if finished:
             log.warning("finished a rejoin that was cut off: its key and certificate are in place")
+        return finished
+
+    async def _record_finished_rejoin(self, store: NodeStore, audit: AuditLog) -> None:
+        """What the cut-off rejoin may not have done: re-list every patient, say so in the log."""
+        await store.request_full_relisting()
+        assert self._own is not None
+        await audit.append(
+            AuditRecord(
+                action="join", outcome="granted", side="local",
+                outcome_reason=f"finished a re-join cut off: certificate {self._own.serial} in "
+                "place, every patient queued to be listed again",
+                organisation_id=self.config.organisation_id, requesting_node=self.config.node_id,
+            )
+        )  # fmt: skip
 
     def _load_tls(self) -> tuple[transport.TlsFiles | None, ec.EllipticCurvePrivateKey | None]:
         config = self.config

@@ -97,33 +97,43 @@ async def test_an_invite_that_made_another_node_replaces_nothing(
     assert second.config.private_key.read_bytes() == key_before
 
 
-async def test_a_rejoin_cut_off_between_its_renames_is_finished_when_the_node_starts(
-    network: NetworkFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("cut_at", "finished"),
+    [(2, False), (3, True), (4, True)],
+    ids=["staging the certificate", "before the swap", "between the two renames"],
+)
+async def test_a_rejoin_cut_off_leaves_a_node_that_starts(
+    network: NetworkFactory, monkeypatch: pytest.MonkeyPatch, cut_at: int, finished: bool
 ) -> None:
+    """Renames 1-2 stage the key and certificate, 3-4 swap them in; cut off at any one."""
     net = await network(n=2)
     second = net.nodes[1]
     config = second.config
+    assert config.certificate is not None
+    old_serial = serial(config)
     await operator.revoke(net.root / "registry.db", config.organisation_id)
     await second.stop(0)
     renames = 0
     real_replace = os.replace
 
-    def killed_after_the_first(source: Any, target: Any) -> None:
+    def killed_at_one(source: Any, target: Any) -> None:
         nonlocal renames
         renames += 1
-        if renames == 2:
+        if renames == cut_at:
             raise KeyboardInterrupt  # the process dies here, as with Ctrl-C or SIGKILL
         real_replace(source, target)
 
-    monkeypatch.setattr(os, "replace", killed_after_the_first)
+    monkeypatch.setattr(os, "replace", killed_at_one)
     with pytest.raises(KeyboardInterrupt):
         await rejoin(await invite_again(net, "node-2"), config)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert config.certificate is not None and pki.staged(config.certificate).exists()
-    assert any("re-joined as node-2" in r for r in audit_reasons(config.database))
 
     restarted = NodeServer(config)
-    await restarted.start()  # finishes the swap instead of "the key does not belong"
+    await restarted.start()  # never "the key does not belong to the certificate"
     net.nodes[1] = restarted
     assert not pki.staged(config.certificate).exists()
-    await restarted.publisher.publish_pending()  # accepted: the new certificate is in use
+    assert (serial(config) != old_serial) == finished
+    reasons = audit_reasons(config.database)
+    assert any(r.startswith("finished a re-join cut off") for r in reasons) == finished
+    if finished:
+        await restarted.publisher.publish_pending()  # accepted: the new certificate is in use

@@ -49,11 +49,13 @@ async def rejoin(
         try:
             done = await enrol(token, config.private_key.parent, interfaces_for_discovery)
             _check_same_node(done, config)
-            # The Join happened: recorded, and every patient queued to be listed again
-            # (the registry dropped the revoked node's entries), before the files move.
+            await asyncio.to_thread(_stage, done, config)
+            # Every patient queued to be listed again (the registry dropped the revoked
+            # node's entries), and the re-join recorded; cut off from here on, the node
+            # finishes the swap when it starts, and queues and records it itself.
             await store.request_full_relisting()
             await _audit_rejoin(store, done, clock or SystemClock())
-            await asyncio.to_thread(_replace_key_and_certificate, done, config)
+            await asyncio.to_thread(pki.complete_renewal, config.private_key, config.certificate)
         finally:
             await store.close()
     finally:
@@ -92,17 +94,16 @@ def _check_same_node(done: Enrolment, config: NodeConfig) -> None:
         )
 
 
-def _replace_key_and_certificate(done: Enrolment, config: NodeConfig) -> None:
-    """Stage both files, then swap them in; one cut off between is finished at node start."""
+def _stage(done: Enrolment, config: NodeConfig) -> None:
+    """The new key and certificate beside the old pair (``pki.stage_renewal``)."""
     assert config.private_key is not None and config.certificate is not None
     try:
         pki.stage_renewal(config.private_key, config.certificate, done.key, done.certificate)
-        pki.complete_renewal(config.private_key, config.certificate)
     except OSError as error:
         raise ConfigError(
             f"cannot write the new key and certificate beside {config.private_key}: "
-            f"{error.strerror}; the invite is used up: if {pki.staged(config.certificate)} is "
-            "there, the node finishes the swap when it starts; if not, ask for a new invite"
+            f"{error.strerror}; the invite is used up and its certificate lost: the operator "
+            "revokes the organisation again and makes a new invite"
         ) from None
 
 

@@ -248,9 +248,15 @@ def stage_renewal(key_path: Path, cert_path: Path, key: PrivateKey, cert: x509.C
 
     Two renames cannot be one step: a renewal cut off between them is
     finished by the next ``complete_renewal`` (the node runs it at start).
+    Each staged file appears whole or not at all; the certificate last.
     """
-    write_private_key(staged(key_path), key)
-    write_certificate(staged(cert_path), cert)
+    for final, write in (
+        (staged(key_path), lambda p: write_private_key(p, key)),
+        (staged(cert_path), lambda p: write_certificate(p, cert)),
+    ):
+        partial = final.with_name(final.name + ".part")  # whole under its staged name, or absent
+        write(partial)
+        os.replace(partial, final)
 
 
 def complete_renewal(key_path: Path, cert_path: Path) -> bool:
@@ -261,6 +267,8 @@ def complete_renewal(key_path: Path, cert_path: Path) -> bool:
     fits neither the staged nor the current key.
     """
     new_key, new_cert = staged(key_path), staged(cert_path)
+    for part in (new_key, new_cert):  # a staged file cut off while written
+        part.with_name(part.name + ".part").unlink(missing_ok=True)
     if not new_cert.exists():
         new_key.unlink(missing_ok=True)
         return False
