@@ -9,6 +9,8 @@ import os
 import re
 import shlex
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,18 @@ def test_a_joined_nodes_config_with_a_wrong_database_path_makes_no_database(
         assert admin.main(argv) == 2, argv
         assert f"no node database at {tmp_path / 'nodee.db'}" in capsys.readouterr().err
     assert not (tmp_path / "nodee.db").exists()
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path) -> None:
+    """`... | head -0`: the reader closed the pipe before anything was written."""
+    config = node_config(tmp_path)
+    generate(tmp_path / "bundles", patients=1)
+    assert admin.main(["ingest", "--config", str(config), str(tmp_path / "bundles")]) == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.admin", "audit", "verify", "--db", str(tmp_path / "node.db")],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()  # long before the command has started
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and b"BrokenPipeError" not in stderr, stderr

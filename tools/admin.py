@@ -462,34 +462,44 @@ async def run_rejoin(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "ingest":
-            return asyncio.run(admin_ingest.ingest(args.config, args.paths))
-        if args.command == "consent":
-            return asyncio.run(admin_consent.run(args))
-        if args.command == "network":
-            return network_init(args.dir, args.name)
-        if args.command == "invite":
-            return asyncio.run(invite(args))
-        if args.command == "revoke":
-            return asyncio.run(revoke(args.db, args.org_id))
-        if args.command == "members":
-            return asyncio.run(admin_members.run(args.db, args.json))
-        if args.command == "join":
-            return asyncio.run(join(args))
-        if args.command == "rejoin":
-            return asyncio.run(run_rejoin(args))
-        if args.command == "bootstrap":
-            return asyncio.run(bootstrap.run(args, say))
-        if args.command == "user":
-            return asyncio.run(run_user_command(args))
-        if args.command == "audit":
-            return asyncio.run(admin_audit.run(args))
-        return run_devnet(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, where a reader gone early can be caught, not at exit
+        return code
     except (TransmuralError, ProcessError) as error:
         print(f"transmural-admin: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`| head`, `| true`): what it did not read was not wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "ingest":
+        return asyncio.run(admin_ingest.ingest(args.config, args.paths))
+    if args.command == "consent":
+        return asyncio.run(admin_consent.run(args))
+    if args.command == "network":
+        return network_init(args.dir, args.name)
+    if args.command == "invite":
+        return asyncio.run(invite(args))
+    if args.command == "revoke":
+        return asyncio.run(revoke(args.db, args.org_id))
+    if args.command == "members":
+        return asyncio.run(admin_members.run(args.db, args.json))
+    if args.command == "join":
+        return asyncio.run(join(args))
+    if args.command == "rejoin":
+        return asyncio.run(run_rejoin(args))
+    if args.command == "bootstrap":
+        return asyncio.run(bootstrap.run(args, say))
+    if args.command == "user":
+        return asyncio.run(run_user_command(args))
+    if args.command == "audit":
+        return asyncio.run(admin_audit.run(args))
+    return run_devnet(args)
 
 
 if __name__ == "__main__":
