@@ -20,6 +20,7 @@ from transmural import assertion, pki
 from transmural.auth import Caller
 from transmural.clock import Clock
 from transmural.errors import InvalidInput, PermissionDenied
+from transmural.names import is_printable_name
 
 
 class AssertionSigner:
@@ -99,7 +100,7 @@ def _check_claim(claim: assertion.RequesterAssertion) -> None:
         )
     if claim.role not in ROLES:
         raise PermissionDenied(f"role {claim.role!r} is not a clinical role this node answers")
-    if not USER_ID.fullmatch(claim.clinician_id) or not claim.display_name.isprintable():
+    if not USER_ID.fullmatch(claim.clinician_id) or not is_printable_name(claim.display_name):
         raise InvalidInput("the assertion's clinician id or name has characters it may not have")
 
 

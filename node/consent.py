@@ -52,7 +52,7 @@ from typing import Literal
 
 from node.answers import Requester
 from transmural.errors import InvalidInput
-from transmural.names import is_shown_name
+from transmural.names import is_shown_name, joins_a_word
 
 Decision = Literal["permit", "deny"]
 ActorKind = Literal["all", "organisation", "category"]
@@ -179,7 +179,7 @@ def _is_text(text: object, limit: int, *, spaces: bool) -> bool:
         isinstance(text, str)
         and 0 < len(text) <= limit
         and text == text.strip()
-        and not _UNPRINTABLE.search(text)
+        and not any(_UNPRINTABLE.match(c) and not joins_a_word(text, i) for i, c in enumerate(text))
         and (spaces or " " not in text)
     )
 

@@ -27,7 +27,7 @@ from node.records import UserRecord
 from node.store import NodeStore
 from transmural.clock import Clock, SystemClock
 from transmural.errors import InvalidInput, NotFound, Unauthenticated
-from transmural.names import is_shown_name
+from transmural.names import is_shown_name, with_plain_spaces
 
 #: Role codes a clinician may have (what a peer's consent rules can refer to).
 ROLES = ("physician", "nurse", "pharmacist", "midwife", "dentist", "physiotherapist")
@@ -64,6 +64,7 @@ class Clinicians:
             raise InvalidInput("user id: 1-128 letters, digits and . _ @ -, starting alphanumeric")
         # Answering nodes refuse an assertion whose name is not printable
         # (node/assertions.py): such a clinician could sign in and never be answered.
+        display_name = with_plain_spaces(display_name)
         if len(display_name) > 200 or not is_shown_name(display_name.strip()):
             raise InvalidInput(
                 "display name must be 1 to 200 printable characters with a letter or digit "

@@ -38,7 +38,7 @@ from registry.index import NodeRecord, check_node_id, check_text
 from transmural import invite, keywrap, pki
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.errors import InvalidInput, NotFound, PermissionDenied
-from transmural.names import is_shown_name
+from transmural.names import is_shown_name, with_plain_spaces
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Membership:
             organisation_id, "organisation id", const.MAX_ORGANISATION_ID_LENGTH, required=True
         )
         org_name = check_text(
-            organisation_name,
+            with_plain_spaces(organisation_name),
             "organisation name",
             const.MAX_ORGANISATION_NAME_LENGTH,
             required=True,
