@@ -13,6 +13,7 @@ peer_deadline_s = 3.0
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -70,6 +71,21 @@ class NodeConfig:
             )
         if not 0 < self.peer_deadline_s <= const.MAX_PEER_DEADLINE_S:
             raise ConfigError(f"peer_deadline_s must be in (0, {const.MAX_PEER_DEADLINE_S}]")
+
+    def check_dialable(self) -> None:
+        """ConfigError if peers would be told a wildcard address (0.0.0.0, [::]) to dial.
+
+        Checked when the node serves, not when the config is written: join
+        writes the listen address it was given, before anyone set advertise.
+        """
+        if self.advertise or self.insecure_dev or not _is_wildcard(self.listen):
+            return
+        port = self.listen.rpartition(":")[2]
+        raise ConfigError(
+            f"listen = {self.listen!r} takes every address of this machine, but peers need one "
+            f'to dial: add advertise = "HOST:{port}" to node.toml (the name or address peers '
+            "reach this machine at)"
+        )
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -154,3 +170,11 @@ def _is_address(value: object) -> bool:
         return False
     host, sep, port = value.rpartition(":")
     return bool(sep and host and port.isdigit() and int(port) < 65536)
+
+
+def _is_wildcard(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False

@@ -113,6 +113,7 @@ class NodeServer:
 
     async def _start(self) -> None:
         config = self.config
+        config.check_dialable()
         network_key = read_network_key(config.network_key_file)
         pseudonymiser = Pseudonymiser(network_key)
         self._lock = ServerLock.beside(config.database, "node")

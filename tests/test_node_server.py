@@ -151,3 +151,19 @@ async def test_warns_when_its_certificate_expires_soon(
         await restarted.start()
     net.nodes[0] = restarted
     assert any("expires on" in r.getMessage() and "renew" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wildcard_listen_without_advertise_is_refused_before_binding(
+    network: NetworkFactory,
+) -> None:
+    """Peers would be told to dial 0.0.0.0. (Refused before any port is bound: tests stay
+    on loopback.)"""
+    net = await network(n=1)
+    first = net.nodes[0]
+    await first.stop(0)
+    for wildcard in ("0.0.0.0:7100", "[::]:7100"):
+        node = NodeServer(dataclasses.replace(first.config, listen=wildcard))
+        with pytest.raises(ConfigError, match=r'add advertise = "HOST:7100" to node.toml'):
+            await node.start()
+    dataclasses.replace(first.config, listen="0.0.0.0:7100", advertise="n1.example:7100") \
+        .check_dialable()  # fmt: skip

@@ -124,6 +124,10 @@ async def join(args: argparse.Namespace) -> int:
     say(f"organisation: {config.organisation_name} ({config.organisation_id})")
     say(f"registry: {config.registry}")
     say(f"key, certificate, CA, network key and node.toml written to {folder}")
+    try:
+        config.check_dialable()
+    except ConfigError as wildcard:
+        say(f"note: {wildcard}")
     for key, address in (("listen", config.listen), ("gateway_listen", config.gateway_listen)):
         if address.rpartition(":")[2] == "0":
             say(
