@@ -129,7 +129,8 @@ class MembershipStorage(Protocol):
 
     async def add_invite(self, record: InviteRecord, now: float) -> str | None:
         """Insert unless the node id is taken; else what holds it: "certificate", "invite",
-        or "organisation <id>" (another organisation had it)."""
+        "organisation <id>" (another organisation had it) or "category <c>" (it joined
+        before as another kind of facility)."""
         ...
 
     async def get_invite(self, secret_hash: bytes) -> InviteRecord | None: ...
@@ -277,6 +278,14 @@ class Membership:
         if taken_by == "certificate":
             raise InvalidInput(
                 f"node id {node} already belongs to a joined node; revoke it first "
+                "or give another --node-id"
+            )
+        if taken_by is not None and taken_by.startswith("category "):
+            was = taken_by.removeprefix("category ")
+            same = f"--category {was}" if was else "no --category"
+            raise InvalidInput(
+                f"node id {node} joined before {f'as a {was}' if was else 'with no category'}, "
+                f"and peers' consents by kind follow it: invite it again with {same}, "
                 "or give another --node-id"
             )
         if taken_by is not None and taken_by.startswith("organisation "):

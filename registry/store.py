@@ -164,6 +164,11 @@ _NODE_ID_HOLDER = """
     UNION ALL
     SELECT 'organisation ' || organisation_id FROM certificates
     WHERE node_id = :node_id AND organisation_id != :organisation_id
+    UNION ALL
+    SELECT 'category ' || last FROM (
+        SELECT organisation_category AS last FROM invites
+        WHERE node_id = :node_id AND used_at IS NOT NULL ORDER BY used_at DESC LIMIT 1
+    ) WHERE last != :category
     LIMIT 1
 """
 # When a node id was last revoked (a certificate, or an invite closed by the
@@ -361,6 +366,7 @@ class RegistryStore:
                 "node_id": record.node_id,
                 "now": now,
                 "organisation_id": record.organisation_id,
+                "category": record.organisation_category,
             }
             holder = list(await db.execute_fetchall(_NODE_ID_HOLDER, asked))
             if holder:

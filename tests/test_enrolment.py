@@ -391,6 +391,11 @@ async def test_a_joined_node_id_is_free_again_only_after_revocation(
     with pytest.raises(InvalidInput, match=f"node id {taken} belonged to organisation {ORG_ID}"):
         await make_invite(registry, org_id="URA 99999999", node_id=taken)  # not another's
 
+    assert registry.membership is not None and registry.join_address
+    with pytest.raises(InvalidInput, match="joined before with no category.* no --category"):
+        await registry.membership.create_invite(  # a kind that would change consents by kind
+            ORG_ID, ORG_NAME, None, registry.join_address, organisation_category="pharmacy"
+        )
     await join(await make_invite(registry), tmp_path / "b")
 
 
