@@ -392,7 +392,7 @@ async def test_a_joined_node_id_is_free_again_only_after_revocation(
         await make_invite(registry, org_id="URA 99999999", node_id=taken)  # not another's
 
     assert registry.membership is not None and registry.join_address
-    with pytest.raises(InvalidInput, match="joined before with no category.* no --category"):
+    with pytest.raises(InvalidInput, match=r"joined before with no category.* no --category"):
         await registry.membership.create_invite(  # a kind that would change consents by kind
             ORG_ID, ORG_NAME, None, registry.join_address, organisation_category="pharmacy"
         )
