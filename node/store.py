@@ -39,7 +39,7 @@ from node.records import (
 )
 from transmural.clock import Clock, SystemClock, utc_iso
 from transmural.const import DOCUMENT_CHUNK_BYTES, FETCH_PIECE_BYTES
-from transmural.database import Database
+from transmural.database import Database, holds_a_database
 from transmural.errors import ConfigError, InvalidInput, NotFound
 from transmural.identifiers import Identifier
 
@@ -97,7 +97,7 @@ class NodeStore:
         the database must be this node's (``bind``); every command given a
         node's config passes it, so none reads or changes another's records.
         """
-        if existing and not await asyncio.to_thread(_has_content, Path(path)):
+        if existing and not await asyncio.to_thread(holds_a_database, Path(path)):
             raise ConfigError(
                 f"no node database at {path}: is the config the right node's, "
                 "and has the node joined?"
@@ -614,8 +614,3 @@ def _consent(row: sqlite3.Row) -> ConsentRecord:
         recorded_via=recorded_via, recorded_at=recorded_at, status=status,
         withdrawn_at=withdrawn_at,
     )  # fmt: skip
-
-
-def _has_content(path: Path) -> bool:
-    """A file SQLite would not take as a new, empty database."""
-    return path.is_file() and path.stat().st_size > 0

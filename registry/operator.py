@@ -20,6 +20,7 @@ from registry.index import NodeRecord
 from registry.network import load_network
 from registry.store import RegistryStore
 from transmural.clock import Clock, SystemClock
+from transmural.database import holds_a_database
 from transmural.errors import ConfigError, NotFound
 
 
@@ -211,12 +212,8 @@ async def _open_existing(
     db: Path, clock: Clock | None, *, read_only: bool = False
 ) -> RegistryStore:
     """The registry's database; never a new empty one that the registry does not read."""
-    if not await asyncio.to_thread(_has_content, db):  # an empty file: SQLite would start one
+    if not await asyncio.to_thread(holds_a_database, db):
         raise ConfigError(
             f"there is no registry database {db}: give the --db the registry serves with"
         )
     return await RegistryStore.open(db, clock, read_only=read_only)
-
-
-def _has_content(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0

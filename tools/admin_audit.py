@@ -185,14 +185,22 @@ def _national(given: Identifier, held: Identifier | None, config: NodeConfig) ->
 
 
 async def record_local(
-    store: NodeStore, action: str, reason: str, outcome: Outcome = "granted"
+    store: NodeStore,
+    action: str,
+    reason: str,
+    outcome: Outcome = "granted",
+    *,
+    patient_key: int | None = None,
+    organisation_id: str = "",
 ) -> None:
-    """An operator's action on this node (ingest, user add/remove) in its audit log.
+    """An operator's action on this node (ingest, user add/remove, a consent read) in its
+    audit log; ``patient_key`` puts it in that patient's access history.
 
     ``reason`` says what was done, never with patient data or a token in it.
     """
-    record = AuditRecord(action=action, outcome=outcome, side="local",
-                         outcome_reason=reason, clinician_id=os_user())  # fmt: skip
+    record = AuditRecord(action=action, outcome=outcome, side="local", outcome_reason=reason,
+                         clinician_id=os_user(), patient_key=patient_key,
+                         organisation_id=organisation_id)  # fmt: skip
     await AuditLog(store.database, SystemClock()).append(record)
 
 

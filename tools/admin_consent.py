@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.audit import AuditLog, AuditRecord
 from node.config import NodeConfig
 from node.consent import (
     DATA_CATEGORIES,
@@ -55,7 +54,7 @@ from node.consent_fhir import (
 from node.records import PatientRecord
 from node.registry_link import RegistryLink
 from node.store import NodeStore
-from tools.admin_audit import os_user
+from tools.admin_audit import os_user, record_local
 from tools.render import counted
 from transmural import transport
 from transmural.clock import SystemClock, utc_iso
@@ -195,12 +194,9 @@ async def _audit_read(
     store: NodeStore, patient: PatientRecord, config: NodeConfig, how: str
 ) -> None:
     """A patient's consents are their data too: who read them is in their access history."""
-    await AuditLog(store.database, SystemClock()).append(
-        AuditRecord(
-            "consent-read", "granted", "local", patient_key=patient.patient_key,
-            clinician_id=os_user(), organisation_id=config.organisation_id,
-            outcome_reason=f"consents {how} with transmural-admin",
-        )
+    await record_local(
+        store, "consent-read", f"consents {how} with transmural-admin",
+        patient_key=patient.patient_key, organisation_id=config.organisation_id,
     )  # fmt: skip
 
 

@@ -292,6 +292,14 @@ def statements(script: str) -> list[str]:
     return found
 
 
+def holds_a_database(path: Path) -> bool:
+    """A non-empty file: an empty one (or none) SQLite would take as a new database.
+
+    For commands that must find the server's database, never start one.
+    """
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _try_open(path: str) -> None:
     """Create a new file owner-only (it holds patient data or tokens), then open it.
 
